@@ -1,0 +1,65 @@
+"""The ``cmdeploy`` command line (Typer).
+
+Each sub-command lives in ``cmdeploy/commands/<name>.py`` and imports its heavy dependencies
+(torch, onnx, highdicom, ...) inside the function body, so ``cmdeploy --help`` stays fast and
+``cmdeploy infer`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from cmdeploy import __version__
+
+app = typer.Typer(
+    name="cmdeploy",
+    help="Class-agnostic CT segmentation from four extreme points: train, export, calibrate, infer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (command name, module under cmdeploy.commands, function name)
+_COMMANDS: list[tuple[str, str, str]] = [
+    ("guidance", "guidance", "guidance"),
+    ("train", "train", "train"),
+    ("export", "export", "export"),
+    ("verify", "verify", "verify"),
+    ("calibrate", "calibrate", "calibrate"),
+    ("infer", "infer", "infer"),
+    ("points-from-labels", "points_from_labels", "points_from_labels"),
+    ("evaluate", "evaluate", "evaluate"),
+    ("bench", "bench", "bench"),
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cmdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """cmdeploy: extreme-point confidence-map segmentation, from training to deployment."""
+
+
+def _register() -> None:
+    for name, module_name, func_name in _COMMANDS:
+        qualified = f"cmdeploy.commands.{module_name}"
+        try:
+            module = importlib.import_module(qualified)
+        except ModuleNotFoundError as exc:
+            if exc.name == qualified:  # command not written yet
+                continue
+            raise
+        app.command(name)(getattr(module, func_name))
+
+
+_register()
