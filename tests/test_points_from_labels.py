@@ -1,0 +1,208 @@
+"""Label volume -> extreme points: NumPy connected components, naming, CLI, shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from cmdeploy.commands.points_from_labels import points_from_labels
+from cmdeploy.errors import InputError
+from cmdeploy.guidance import extreme_points
+from cmdeploy.io import open_series
+from cmdeploy.labels_to_points import (
+    connected_components,
+    load_label_names,
+    open_label_volume,
+    points_from_label_slice,
+    points_from_label_volume,
+    resolve_label_ids,
+)
+from cmdeploy.points_csv import read_points_csv
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-organs"
+_STRUCTURE = {4: ndimage.generate_binary_structure(2, 1), 8: np.ones((3, 3), bool)}
+
+
+def _scipy_components(lab: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """Reference: scipy per label value, renumbered in raster order of first pixel."""
+    out = np.zeros(lab.shape, np.int64)
+    n = 0
+    for value in np.unique(lab[lab != 0]):
+        comp, m = ndimage.label(lab == value, structure=_STRUCTURE[connectivity])
+        out[comp > 0] = comp[comp > 0] + n
+        n += m
+    flat = out.ravel()
+    ids, first = np.unique(flat[flat > 0], return_index=True)
+    order = np.argsort(np.flatnonzero(flat > 0)[first])
+    remap = np.zeros(n + 1, np.int64)
+    remap[ids[order]] = np.arange(1, ids.size + 1)
+    return remap[out], n
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lab=arrays(np.uint8, st.tuples(st.integers(1, 24), st.integers(1, 24)),
+               elements=st.integers(0, 3)),
+    connectivity=st.sampled_from([4, 8]),
+)
+def test_components_match_scipy(lab, connectivity) -> None:
+    comp, n = connected_components(lab, connectivity=connectivity)
+    ref, n_ref = _scipy_components(lab, connectivity)
+    assert n == n_ref
+    np.testing.assert_array_equal(comp, ref)  # same partition, same raster numbering
+    assert comp.dtype == np.int32
+
+
+def test_components_long_snake_and_diagonals() -> None:
+    m = np.zeros((64, 64), np.uint8)
+    m[::2] = 1
+    m[1::4, -1] = 1
+    m[3::4, 0] = 1  # one serpentine path through the whole array
+    comp, n = connected_components(m)
+    assert n == 1 and np.all((comp > 0) == (m > 0))
+    diag = np.eye(5, dtype=np.uint8)
+    assert connected_components(diag, connectivity=4)[1] == 5
+    assert connected_components(diag, connectivity=8)[1] == 1
+    with pytest.raises(ValueError, match="connectivity"):
+        connected_components(diag, connectivity=6)
+
+
+def test_slice_points_naming_and_filters() -> None:
+    lab = np.zeros((40, 50), np.int64)
+    lab[5:20, 3:15] = 5  # big piece of label 5
+    lab[30:34, 40:45] = 5  # small piece of label 5 (20 px)
+    lab[25:28, 10:13] = 7  # 9 px: below the default min size
+    lab[0, 49] = 9  # one pixel
+    lab[20:30, 20:22] = 7  # 20 px, touches nothing of its label
+    rows = points_from_label_slice(lab, slice_index=4, names={5: "liver"})
+    assert [(r.slice_index, r.label) for r in rows] == [(4, "liver"), (4, "liver#2"), (4, "7")]
+    np.testing.assert_array_equal(rows[0].points, [[3, 12], [14, 12], [8, 5], [8, 19]])
+    small = np.zeros_like(lab, bool)
+    small[30:34, 40:45] = True
+    np.testing.assert_array_equal(rows[1].points, extreme_points(small))
+    for r in rows:  # every extreme point lies on its object
+        xs, ys = r.points[:, 0].astype(int), r.points[:, 1].astype(int)
+        assert np.all(lab[ys, xs] != 0)
+    labels = [r.label for r in points_from_label_slice(lab, min_size=1)]
+    assert "9" not in labels and labels.count("7") == 1 and "7#2" in labels  # pixel dropped
+    only7 = points_from_label_slice(lab, label_ids={7}, min_size=9)
+    assert [r.label for r in only7] == ["7", "7#2"]
+
+
+def test_volume_array_and_on_slice() -> None:
+    vol = np.zeros((3, 12, 12), np.uint8)
+    vol[0, 2:8, 2:6] = 1
+    vol[2, 1:5, 1:10] = 2
+    seen: list[int] = []
+    rows = points_from_label_volume(vol, on_slice=seen.append)
+    assert [(r.slice_index, r.label) for r in rows] == [(0, "1"), (2, "2")]
+    assert seen == [0, 1, 2]
+    with pytest.raises(ValueError, match="N, H, W"):
+        points_from_label_volume(vol[0])
+
+
+def test_nifti_label_volume_uses_ct_convention(tmp_path) -> None:
+    import nibabel as nib
+
+    data = np.zeros((12, 9, 2), np.uint8)  # (X, Y, Z)
+    data[2:6, 1:4, 1] = 3  # x in 2..5, y in 1..3 on slice 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "lab.nii.gz")
+    nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    vol = open_label_volume(tmp_path / "lab.nii.gz")
+    ct = open_series(tmp_path / "ct.nii.gz")
+    assert (len(vol), vol.shape) == (len(ct), ct.shape) == (2, (9, 12))
+    np.testing.assert_array_equal(vol.slice(1), ct.slice_hu(1))
+    (row,) = points_from_label_volume(vol.iter_slices())
+    assert row.slice_index == 1
+    np.testing.assert_array_equal(row.points, [[2, 2], [5, 2], [3, 1], [3, 3]])
+
+
+def test_label_volume_refusals(tmp_path) -> None:
+    np.save(tmp_path / "f.npy", np.full((1, 3, 3), 1.5))
+    with pytest.raises(InputError, match="non-integer"):
+        open_label_volume(tmp_path / "f.npy").slice(0)
+    np.save(tmp_path / "neg.npy", np.full((3, 3), -1))
+    with pytest.raises(InputError, match="negative"):
+        open_label_volume(tmp_path / "neg.npy").slice(0)
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(InputError, match="expected a .nii"):
+        open_label_volume(tmp_path / "x.txt")
+    with pytest.raises(InputError, match="does not exist"):
+        open_label_volume(tmp_path / "none.nii.gz")
+
+
+def test_names_and_selection(tmp_path) -> None:
+    p = tmp_path / "n.json"
+    p.write_text(json.dumps({"5": "liver", "52": "aorta"}))
+    names = load_label_names(p)
+    assert names == {5: "liver", 52: "aorta"}
+    assert resolve_label_ids(["Liver", " 52", "7"], names) == {5, 52, 7}
+    with pytest.raises(InputError, match="'livr'"):
+        resolve_label_ids(["livr"], names)
+    for bad in ("[1, 2]", '{"x": "a"}', '{"1": "a#b"}', "{"):
+        p.write_text(bad)
+        with pytest.raises(InputError):
+            load_label_names(p)
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(points_from_labels)
+    return app
+
+
+def test_cli_writes_valid_csv_and_exits_2_on_bad_input(tmp_path) -> None:
+    vol = np.zeros((2, 16, 16), np.uint8)
+    vol[0, 2:9, 3:12] = 5
+    vol[1, 10:14, 1:6] = 5
+    vol[1, 1:5, 10:15] = 5
+    np.save(tmp_path / "lab.npy", vol)
+    (tmp_path / "names.json").write_text('{"5": "liver"}')
+    out = tmp_path / "pts.csv"
+    runner = CliRunner()
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out),
+                                 "--names", str(tmp_path / "names.json"), "--labels", "liver"])
+    assert res.exit_code == 0, res.output
+    np.save(tmp_path / "ct.npy", np.zeros((2, 16, 16), np.float32))
+    rows = read_points_csv(out, open_series(tmp_path / "ct.npy"))
+    assert [(r.slice_index, r.label) for r in rows] == [(0, "liver"), (1, "liver"),
+                                                        (1, "liver#2")]
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--labels", "liver"])
+    assert res.exit_code == 2 and "unknown label" in res.output
+    res = runner.invoke(_cli(), [str(tmp_path / "nope.nii"), "-o", str(out)])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--min-size", "999"])
+    assert res.exit_code == 2 and "no object" in res.output
+
+
+@pytest.mark.shared_data
+def test_abdomen_labels_few_slices(tmp_path) -> None:
+    labels = DATA / "abdomen_3mm" / "labels.nii.gz"
+    if not labels.exists():
+        pytest.skip(f"shared CT data not found at {DATA}")
+    names = load_label_names(DATA / "labels.json")
+    vol = open_label_volume(labels)
+    ks = [50, 60, 70]
+    rows = points_from_label_volume(((k, vol.slice(k)) for k in ks), names=names)
+    assert rows and {r.slice_index for r in rows} <= set(ks)
+    assert "liver" in {r.label for r in rows}
+    for r in rows:
+        lab = vol.slice(r.slice_index)
+        base = r.label.split("#")[0]
+        lid = next(i for i, n in names.items() if n == base)
+        xs, ys = r.points[:, 0].astype(int), r.points[:, 1].astype(int)
+        assert np.all(lab[ys, xs] == lid), r.label  # extreme points lie on the object
+    from cmdeploy.points_csv import write_points_csv
+
+    write_points_csv(tmp_path / "p.csv", rows)
+    back = read_points_csv(tmp_path / "p.csv", open_series(DATA / "abdomen_3mm" / "image.nii.gz"))
+    assert len(back) == len(rows)
