@@ -1,0 +1,1 @@
+"""Inference back ends: one module per engine (onnxruntime, TensorRT), imported lazily."""
