@@ -1,0 +1,98 @@
+"""``cmdeploy train``: train a ResNet-PSP on NIfTI cases (needs the ``train`` extra: torch)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip()) if value else ()
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="Data folder (ct-organs, SegTHOR or *_image/*_label)."),
+    guidance: str = typer.Option("cm", "--guidance", help="Guidance channel(s): cm, ep or cm+ep."),
+    config: str = typer.Option("compact", "--config", help="Model config: compact or paper."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Number of epochs."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size per process."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (Adam; warm-up then cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (split, sampling, augmentation)."),
+    out: Path = typer.Option(Path("runs/train"), "--out", help="Output folder for best.pt / last.pt."),
+    train_cases: str = typer.Option(None, "--train-cases", help="Comma-separated training case names."),
+    val_cases: str = typer.Option(None, "--val-cases", help="Comma-separated validation case names."),
+    samples_per_epoch: int = typer.Option(None, "--samples-per-epoch", min=1, help="Samples per epoch."),
+    val_samples: int = typer.Option(None, "--val-samples", min=1, help="Cap on validation samples."),
+    resume: Path = typer.Option(None, "--resume", help="Checkpoint to continue from."),
+    base_width: int = typer.Option(None, "--base-width", min=1, help="Override the config's width."),
+    input_size: int = typer.Option(None, "--input-size", min=16, help="Override the crop size (px)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    val_every: int = typer.Option(1, "--val-every", min=1, help="Validate every N epochs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        typer.echo(
+            "error: training needs the 'train' extra (torch): pip install 'cmdeploy[train]'", err=True
+        )
+        raise typer.Exit(2) from None
+    from cmdeploy.errors import InputError
+    from cmdeploy.spec import GUIDANCE_MODES
+    from cmdeploy.train.loop import TrainConfig, format_metrics, run_training
+    from cmdeploy.train.model import NAMED_CONFIGS
+
+    def bad(msg: str) -> None:
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2)
+
+    if not data.exists():
+        bad(f"--data {data} does not exist")
+    if guidance not in GUIDANCE_MODES:
+        bad(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    if config not in NAMED_CONFIGS:
+        bad(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
+    if resume is not None and not resume.is_file():
+        bad(f"--resume {resume} is not a file")
+    cfg = TrainConfig(
+        data=str(data),
+        out_dir=str(out),
+        guidance=guidance,
+        config=config,
+        base_width=base_width,
+        input_size=input_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        samples_per_epoch=samples_per_epoch,
+        val_samples=val_samples,
+        train_cases=_names(train_cases),
+        val_cases=_names(val_cases),
+        num_workers=workers,
+        threads=threads,
+        device=device,
+        val_every=val_every,
+        resume=str(resume) if resume else None,
+        progress=progress,
+        command="cmdeploy " + shlex.join(sys.argv[1:]),
+    )
+    try:
+        result = run_training(cfg)
+    except InputError as exc:
+        bad(str(exc))
+    if result.best_path is not None:
+        m = result.best_metrics
+        typer.echo(f"best checkpoint (epoch {m.get('epoch')}): {result.best_path}")
+        if m:
+            typer.echo(format_metrics({
+                "val_dice": m["val_dice"], "val_dice_samples": m["val_dice_samples"],
+                "dice": m["val_dice_per_label"], "dice_std": m["val_dice_std_per_label"],
+                "count": m["val_count_per_label"], "num_samples": sum(m["val_count_per_label"].values()),
+            }))

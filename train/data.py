@@ -1,0 +1,399 @@
+"""Training data: NIfTI cases, per-slice object samples and patient-level splits.
+
+Orientation: every volume is reoriented to **LPS** (``nib.as_closest_canonical`` gives RAS, then
+axes 0 and 1 are flipped), so slice ``k`` = ``data[:, :, k].T`` has rows (y) running anterior ->
+posterior and columns (x) running patient right -> left, as a DICOM axial image is displayed.
+A loaded :class:`Volume` stores the slices as ``(Z, H, W)`` float32 HU (``image[k]`` is slice k)
+and the in-plane spacing as ``(x, y)`` = (column, row) millimetres.
+
+A *sample* is one connected component (8-connectivity) of one label on one axial slice with at
+least ``min_pixels`` pixels: the unit of the class-agnostic task (four extreme points -> mask).
+
+Layouts recognised by :func:`find_cases`:
+
+* ``ct-organs``: ``<root>/<case>/image.nii.gz`` + ``labels.nii.gz``, names in ``<root>/labels.json``.
+* SegTHOR: ``<root>/Patient_XX/Patient_XX.nii.gz`` + ``GT.nii.gz`` (1 esophagus, 2 heart,
+  3 trachea, 4 aorta).
+* generic: ``<root>/<name>_image.nii.gz`` + ``<name>_label.nii.gz`` (``_labels`` also accepted), or
+  ``<root>/images/<name>.nii.gz`` + ``<root>/labels/<name>.nii.gz``; optional ``labels.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cmdeploy.errors import InputError
+
+SEGTHOR_LABELS: dict[int, str] = {1: "esophagus", 2: "heart", 3: "trachea", 4: "aorta"}
+_NII = (".nii.gz", ".nii")
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient: an image/label NIfTI pair and the label names (id -> name)."""
+
+    name: str
+    image_path: Path
+    label_path: Path
+    label_names: dict[int, str] = field(default_factory=dict)
+
+    def load(self) -> Volume:
+        """Read and reorient both volumes (see the module docstring)."""
+        return load_volume(self)
+
+
+@dataclass
+class Volume:
+    """A loaded case. ``image`` (Z, H, W) float32 HU, ``labels`` (Z, H, W) integer ids, LPS slices."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing_xy: tuple[float, float]
+    label_names: dict[int, str]
+
+    def label_name(self, label: int) -> str:
+        return self.label_names.get(int(label), f"label_{int(label)}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One connected object on one slice.
+
+    ``bbox`` = (y0, y1, x0, x1), half-open slice-pixel bounds of the component; ``mask`` is the
+    component's boolean mask inside that box.
+    """
+
+    volume: int
+    case: str
+    slice_index: int
+    label: int
+    label_name: str
+    bbox: tuple[int, int, int, int]
+    mask: np.ndarray
+
+    @property
+    def num_pixels(self) -> int:
+        return int(self.mask.sum())
+
+    def full_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The component as a boolean (H, W) slice mask."""
+        out = np.zeros(shape, dtype=bool)
+        y0, y1, x0, x1 = self.bbox
+        out[y0:y1, x0:x1] = self.mask
+        return out
+
+    def pixel_coords(self) -> np.ndarray:
+        """(P, 2) float64 slice coordinates (x, y) of the component's pixel centres."""
+        ys, xs = np.nonzero(self.mask)
+        return np.stack([xs + self.bbox[2], ys + self.bbox[0]], axis=1).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _to_lps(img):  # nibabel image -> LPS-oriented image
+    import nibabel as nib
+
+    ras = nib.as_closest_canonical(img)
+    ornt = np.array([[0, -1], [1, -1], [2, 1]])
+    return ras.as_reoriented(ornt)
+
+
+def load_volume(case: Case) -> Volume:
+    """Load ``case`` as a :class:`Volume` (LPS, slices ``(Z, H, W)``); raises ``InputError``."""
+    import nibabel as nib
+
+    try:
+        img = _to_lps(nib.load(str(case.image_path)))
+        lab = _to_lps(nib.load(str(case.label_path)))
+    except Exception as exc:  # nibabel raises several types
+        raise InputError(f"case {case.name!r}: cannot read NIfTI pair: {exc}") from exc
+    if img.shape[:3] != lab.shape[:3] or len(img.shape) != 3 or len(lab.shape) != 3:
+        raise InputError(
+            f"case {case.name!r}: image shape {img.shape} and label shape {lab.shape} differ "
+            "(need the same 3-D grid)"
+        )
+    image = np.asarray(img.dataobj, dtype=np.float32)
+    labels = np.asarray(lab.dataobj)
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = np.rint(labels)
+    labels = labels.astype(np.int16 if labels.max() < 2**15 else np.int32)
+    zooms = img.header.get_zooms()
+    return Volume(
+        name=case.name,
+        image=np.ascontiguousarray(image.transpose(2, 1, 0)),
+        labels=np.ascontiguousarray(labels.transpose(2, 1, 0)),
+        spacing_xy=(float(zooms[0]), float(zooms[1])),
+        label_names=dict(case.label_names),
+    )
+
+
+def _read_label_names(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"{path}: expected a JSON object mapping label id -> name ({exc})") from exc
+
+
+def _nii_stem(path: Path) -> str:
+    for ext in _NII:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return path.name
+
+
+def _first_existing(folder: Path, stem: str) -> Path | None:
+    for ext in _NII:
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def find_cases(path: str | Path) -> list[Case]:
+    """Auto-detect the layout under ``path`` and return its cases sorted by name.
+
+    Raises ``InputError`` when ``path`` does not exist or holds no recognisable case.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"data path {root} does not exist")
+    if not root.is_dir():
+        raise InputError(f"data path {root} is not a folder")
+    names = _read_label_names(root / "labels.json")
+    cases: list[Case] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        image = _first_existing(sub, "image")
+        labels = _first_existing(sub, "labels") or _first_existing(sub, "label")
+        if image and labels:  # ct-organs
+            cases.append(Case(sub.name, image, labels, names))
+            continue
+        image = _first_existing(sub, sub.name)
+        gt = _first_existing(sub, "GT")
+        if image and gt:  # SegTHOR
+            cases.append(Case(sub.name, image, gt, names or dict(SEGTHOR_LABELS)))
+    if not cases:
+        cases = _generic_cases(root, names)
+    if not cases:
+        raise InputError(
+            f"no cases found under {root}: expected <case>/image.nii.gz + labels.nii.gz, "
+            "Patient_XX/Patient_XX.nii.gz + GT.nii.gz, <name>_image.nii.gz + <name>_label.nii.gz, "
+            "or images/ + labels/ folders"
+        )
+    seen: set[str] = set()
+    for c in cases:
+        if c.name in seen:
+            raise InputError(f"duplicate case name {c.name!r} under {root}")
+        seen.add(c.name)
+    return sorted(cases, key=lambda c: c.name)
+
+
+def _generic_cases(root: Path, names: dict[int, str]) -> list[Case]:
+    cases = []
+    for p in sorted(root.iterdir()):
+        stem = _nii_stem(p)
+        if p.is_file() and stem != p.name and stem.endswith("_image"):
+            base = stem[: -len("_image")]
+            lab = _first_existing(root, f"{base}_label") or _first_existing(root, f"{base}_labels")
+            if lab:
+                cases.append(Case(base, p, lab, names))
+    img_dir, lab_dir = root / "images", root / "labels"
+    if not cases and img_dir.is_dir() and lab_dir.is_dir():
+        for p in sorted(img_dir.iterdir()):
+            stem = _nii_stem(p)
+            lab = _first_existing(lab_dir, stem) if stem != p.name else None
+            if lab:
+                cases.append(Case(stem, p, lab, names))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# samples
+
+
+def slice_samples(
+    labels_2d: np.ndarray, *, volume: int, case: str, slice_index: int,
+    label_names: dict[int, str], min_pixels: int = 25,
+) -> list[Sample]:
+    """Samples of one (H, W) label slice: every 8-connected component with >= ``min_pixels``."""
+    out: list[Sample] = []
+    ids = np.unique(labels_2d)
+    for lab in ids[ids > 0]:
+        comp, n = ndimage.label(labels_2d == lab, structure=_EIGHT)
+        if n == 0:
+            continue
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)
+        for k, sl in enumerate(ndimage.find_objects(comp), start=1):
+            if sl is None or sizes[k] < min_pixels:
+                continue
+            out.append(
+                Sample(
+                    volume=volume,
+                    case=case,
+                    slice_index=slice_index,
+                    label=int(lab),
+                    label_name=label_names.get(int(lab), f"label_{int(lab)}"),
+                    bbox=(sl[0].start, sl[0].stop, sl[1].start, sl[1].stop),
+                    mask=comp[sl] == k,
+                )
+            )
+    return out
+
+
+def build_samples(volumes: Sequence[Volume], *, min_pixels: int = 25) -> list[Sample]:
+    """All samples of ``volumes`` (volume index = position in the sequence)."""
+    out: list[Sample] = []
+    for vi, vol in enumerate(volumes):
+        for k in np.nonzero(vol.labels.reshape(vol.labels.shape[0], -1).any(axis=1))[0]:
+            out.extend(
+                slice_samples(
+                    vol.labels[k], volume=vi, case=vol.name, slice_index=int(k),
+                    label_names=vol.label_names, min_pixels=min_pixels,
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+def split_cases(
+    cases: Sequence[Case], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0
+) -> tuple[list[Case], list[Case], list[Case]]:
+    """Patient-level (train, val, test) split, reproducible by ``seed``.
+
+    Counts are rounded so they sum to ``len(cases)``; with >= 2 cases the validation split gets at
+    least one case and training keeps at least one.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    n = len(cases)
+    if n == 0:
+        raise InputError("no cases to split")
+    order = sorted(cases, key=lambda c: c.name)
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = [order[i] for i in perm]
+    f = np.asarray(fractions, dtype=np.float64) / sum(fractions)
+    n_val = int(round(f[1] * n))
+    n_test = int(round(f[2] * n))
+    if n >= 2 and f[1] > 0:
+        n_val = max(n_val, 1)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        n_test = max(n - n_val - 1, 0)
+        n_val = n - 1 - n_test
+        n_train = 1
+    return (
+        shuffled[:n_train],
+        shuffled[n_train : n_train + n_val],
+        shuffled[n_train + n_val :],
+    )
+
+
+def select_cases(cases: Sequence[Case], names: Sequence[str], *, what: str) -> list[Case]:
+    """The cases named in ``names`` (in that order); ``InputError`` names any unknown one."""
+    by_name = {c.name: c for c in cases}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise InputError(f"{what}: unknown case name(s) {unknown}; available: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def check_disjoint(**splits: Sequence[Case]) -> None:
+    """Raise ``InputError`` if one case appears in two splits."""
+    seen: dict[str, str] = {}
+    for split, cases in splits.items():
+        for c in cases:
+            if c.name in seen and seen[c.name] != split:
+                raise InputError(f"case {c.name!r} is in both the {seen[c.name]} and {split} splits")
+            seen[c.name] = split
+
+
+# ---------------------------------------------------------------------------------------------
+# data sets (map-style; torch's DataLoader collates the numpy arrays)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The per-sample generator: a pure function of (seed, epoch, index)."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+
+
+class TrainDataset:
+    """Augmented training examples; items are keyed by ``(epoch, index)`` for determinism.
+
+    ``dataset[(epoch, i)]`` (or ``dataset[i]`` for epoch 0) returns the dict of
+    :func:`cmdeploy.train.augment.training_sample` without ``matrix``, plus ``index``.
+    """
+
+    def __init__(self, volumes, samples, spec, augment=None, seed: int = 0) -> None:
+        from cmdeploy.train.augment import AugmentConfig
+
+        self.volumes = list(volumes)
+        self.samples = list(samples)
+        self.spec = spec
+        self.augment = augment if augment is not None else AugmentConfig()
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> dict[str, np.ndarray]:
+        from cmdeploy.train.augment import training_sample
+
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        smp = self.samples[index]
+        vol = self.volumes[smp.volume]
+        y0, _, x0, _ = smp.bbox
+        out = training_sample(
+            vol.image[smp.slice_index], smp.mask, (x0, y0), self.spec, self.augment,
+            sample_rng(self.seed, epoch, index),
+        )
+        out.pop("matrix")
+        out["index"] = np.int64(index)
+        return out
+
+
+class ValDataset:
+    """Validation inputs built exactly as at run time (:func:`cmdeploy.preprocess.prepare_one`).
+
+    Extreme points come from the full-slice component mask without jitter; ``spec.target_size``
+    is the zoom target. Items: ``input`` (C, S, S), ``matrix`` (2, 3) slice -> crop, ``index``.
+    """
+
+    def __init__(self, volumes, samples, spec) -> None:
+        self.volumes = list(volumes)
+        self.samples = list(samples)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def slice_shape(self, index: int) -> tuple[int, int]:
+        return self.volumes[self.samples[index].volume].image.shape[1:]
+
+    def points(self, index: int) -> np.ndarray:
+        from cmdeploy.guidance import extreme_points
+
+        smp = self.samples[index]
+        return extreme_points(smp.full_mask(self.slice_shape(index)))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        from cmdeploy.preprocess import prepare_one
+
+        smp = self.samples[index]
+        vol = self.volumes[smp.volume]
+        inp, t = prepare_one(vol.image[smp.slice_index], self.points(index), self.spec)
+        return {"input": inp, "matrix": t.matrix, "index": np.int64(index)}

@@ -1,0 +1,530 @@
+"""Training and validation loop (single process, or DDP under ``torchrun``).
+
+* Optimiser: Adam (betas 0.9, 0.99) with L2 ``weight_decay`` 5e-4 (Adam's coupled decay, as in the
+  paper). Schedule: linear warm-up over the first ``warmup_frac`` of the steps, then **cosine**
+  decay to 0, set per step from the global step (so resuming needs no scheduler state).
+* Loss: class-balanced BCE on the one-logit map (:func:`cmdeploy.train.losses.balanced_bce_with_logits`).
+* Each epoch draws ``samples_per_epoch`` training samples (all when unset) from a permutation that is
+  a pure function of (seed, epoch); sample ``i`` of epoch ``e`` is augmented with its own generator
+  (seed, e, i). Under DDP the epoch's list is sharded across ranks (the job of a
+  ``DistributedSampler``, done by :class:`EpochSampler`).
+* Validation (rank 0 only): the run-time path: :func:`cmdeploy.preprocess.prepare_one` with
+  ``spec.target_size``, logits -> sigmoid -> pasted back into the full slice -> threshold -> Dice
+  against the full-slice component. Reported per label as mean +- std over slices, and
+  ``val_dice`` = mean over labels of the per-label means (the model-selection score).
+* ``best.pt`` (highest ``val_dice``) and ``last.pt`` in ``out_dir``; ``resume`` continues from a
+  checkpoint's epoch with its model, optimiser, split and settings.
+* CUDA: mixed precision (``torch.autocast`` float16 + ``GradScaler``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shlex
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cmdeploy.errors import InputError
+from cmdeploy.geometry import CropTransform
+from cmdeploy.preprocess import probabilities_to_slice
+from cmdeploy.spec import ModelSpec
+
+from .augment import AugmentConfig
+from .checkpoint import Checkpoint
+from .data import (
+    TrainDataset,
+    ValDataset,
+    build_samples,
+    check_disjoint,
+    find_cases,
+    select_cases,
+    split_cases,
+)
+from .losses import balanced_bce_with_logits, dice_score
+from .model import build_model, count_parameters, make_config
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (lengths in pixels, lr per step)."""
+
+    data: str
+    out_dir: str = "runs/train"
+    guidance: str = "cm"
+    config: str = "compact"
+    base_width: int | None = None
+    input_size: int | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_frac: float = 0.03
+    seed: int = 0
+    samples_per_epoch: int | None = None
+    val_samples: int | None = None
+    min_pixels: int = 25
+    train_cases: tuple[str, ...] = ()
+    val_cases: tuple[str, ...] = ()
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    num_workers: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    val_every: int = 1
+    resume: str | None = None
+    progress: bool = True
+    command: str = ""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    best_path: Path | None
+    last_path: Path | None
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class EpochSampler:
+    """Yields ``(epoch, index)`` keys: this rank's share of the epoch's samples.
+
+    The epoch's list is the first ``per_epoch`` entries of a (seed, epoch) permutation (repeated if
+    the data set is smaller), trimmed to a multiple of ``batch_size * world_size`` and sharded
+    ``[rank::world_size]``.
+    """
+
+    def __init__(
+        self, n: int, per_epoch: int | None, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
+        if n < 1:
+            raise ValueError("no training samples")
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        want = n if per_epoch is None else int(per_epoch)
+        unit = batch_size * world
+        self.total = max(unit, (want // unit) * unit)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, 0x5A])
+        reps = math.ceil(self.total / self.n)
+        perm = np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: self.total]
+        return perm[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, int(i)) for i in self.indices(self.epoch)])
+
+
+def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
+    """Linear warm-up then cosine decay to 0 (step 0-based, ``total`` steps in the run)."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process plus its finished children, MiB (Linux ru_maxrss KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 1024.0
+
+
+def _log(msg: str, rank: int) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    dataset: ValDataset,
+    device: torch.device,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    amp: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Dice of every validation sample after pasting back into the full slice.
+
+    Returns ``val_dice`` (mean of per-label means), ``val_dice_samples`` (mean over samples),
+    ``dice`` / ``dice_std`` / ``count`` per label name, and ``num_samples``.
+    """
+    spec = dataset.spec
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
+    )
+    was_training = model.training
+    model.eval()
+    per_label: dict[str, list[float]] = defaultdict(list)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="validate", leave=False, dynamic_ncols=True)
+    for batch in loader:
+        x = batch["input"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            logits = model(x)
+        probs = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        for p, m, idx in zip(probs, batch["matrix"].numpy(), batch["index"].numpy(), strict=True):
+            smp = dataset.samples[int(idx)]
+            shape = dataset.slice_shape(int(idx))
+            full = probabilities_to_slice(p, CropTransform(m, spec.input_size), shape) > spec.threshold
+            per_label[smp.label_name].append(dice_score(full, smp.full_mask(shape)))
+    model.train(was_training)
+    all_scores = [d for v in per_label.values() for d in v]
+    means = {k: float(np.mean(v)) for k, v in sorted(per_label.items())}
+    return {
+        "val_dice": float(np.mean(list(means.values()))) if means else 0.0,
+        "val_dice_samples": float(np.mean(all_scores)) if all_scores else 0.0,
+        "dice": means,
+        "dice_std": {k: float(np.std(v)) for k, v in sorted(per_label.items())},
+        "count": {k: len(v) for k, v in sorted(per_label.items())},
+        "num_samples": len(all_scores),
+    }
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    rows = [
+        f"  {k:<28s} {100 * m['dice'][k]:6.2f} +- {100 * m['dice_std'][k]:5.2f}  (n={m['count'][k]})"
+        for k in m["dice"]
+    ]
+    head = (
+        f"  val Dice: {100 * m['val_dice']:.2f} (mean over labels), "
+        f"{100 * m['val_dice_samples']:.2f} (mean over {m['num_samples']} samples)"
+    )
+    return "\n".join([head, *rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """One optimisation step on ``batch``; returns the loss value."""
+    x = batch["input"].to(device, non_blocking=True)
+    y = batch["mask"].to(device, non_blocking=True)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+        logits = model(x)
+    loss = balanced_bce_with_logits(logits, y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _resolve_splits(cfg: TrainConfig) -> dict[str, list]:
+    cases = find_cases(cfg.data)
+    if cfg.train_cases:
+        train = select_cases(cases, cfg.train_cases, what="--train-cases")
+        if cfg.val_cases:
+            val = select_cases(cases, cfg.val_cases, what="--val-cases")
+        else:
+            val = [c for c in cases if c.name not in set(cfg.train_cases)]
+        test = [c for c in cases if c not in train and c not in val]
+    elif cfg.val_cases:
+        val = select_cases(cases, cfg.val_cases, what="--val-cases")
+        train = [c for c in cases if c not in val]
+        test = []
+    else:
+        train, val, test = split_cases(cases, cfg.split_fractions, cfg.seed)
+    check_disjoint(train=train, val=val, test=test)
+    if not train:
+        raise InputError(f"no training cases (found {[c.name for c in cases]})")
+    if not val:
+        raise InputError("no validation cases: give --val-cases or more than one case")
+    return {"train": train, "val": val, "test": test}
+
+
+def _subsample(samples: list, cap: int | None, seed: int) -> list:
+    if cap is None or cap >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng([seed & 0xFFFFFFFF, 0xA1]).choice(len(samples), cap, replace=False))
+    return [samples[i] for i in keep]
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train per ``cfg``; returns the checkpoint paths (rank 0) and metrics history."""
+    rank, world, local = _dist_info()
+    distributed = world > 1
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = _device(cfg.device, local)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    resume_ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
+    if resume_ckpt is not None:
+        model_config, spec = resume_ckpt.model_config, resume_ckpt.spec
+        info = resume_ckpt.train_info
+        cfg = replace(
+            cfg,
+            train_cases=tuple(info.get("split", {}).get("train", cfg.train_cases)),
+            val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
+            guidance=spec.guidance,
+        )
+    else:
+        overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
+        probe = make_config(cfg.config, 1, **overrides)
+        spec = ModelSpec.for_input_size(probe.input_size, guidance=cfg.guidance)
+        model_config = make_config(cfg.config, spec.num_channels, **overrides)
+
+    splits = _resolve_splits(cfg)
+    t0 = time.perf_counter()
+    train_vols = [c.load() for c in splits["train"]]
+    val_vols = [c.load() for c in splits["val"]]
+    train_samples = build_samples(train_vols, min_pixels=cfg.min_pixels)
+    val_samples = _subsample(build_samples(val_vols, min_pixels=cfg.min_pixels), cfg.val_samples, cfg.seed)
+    if not train_samples:
+        raise InputError(f"training cases {[c.name for c in splits['train']]} hold no labelled object")
+    if not val_samples:
+        raise InputError(f"validation cases {[c.name for c in splits['val']]} hold no labelled object")
+    _log(
+        f"data: train {[c.name for c in splits['train']]} ({len(train_samples)} samples), "
+        f"val {[c.name for c in splits['val']]} ({len(val_samples)} samples), "
+        f"loaded in {time.perf_counter() - t0:.1f} s",
+        rank,
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )
+    start_epoch, best, history = 0, -1.0, []
+    best_metrics: dict[str, Any] = {}
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt.state_dict)
+        if resume_ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(resume_ckpt.optimizer_state)
+        start_epoch = int(resume_ckpt.epoch or 0)
+        info = resume_ckpt.train_info
+        best = float(info.get("best_val_dice", -1.0))
+        best_metrics = dict(info.get("best_metrics", {}))
+        history = list(info.get("history", []))
+        _log(f"resumed from {cfg.resume} after epoch {start_epoch}", rank)
+    net: torch.nn.Module = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    train_ds = TrainDataset(train_vols, train_samples, spec, cfg.augment, seed=cfg.seed)
+    val_ds = ValDataset(val_vols, val_samples, spec)
+    sampler = EpochSampler(len(train_ds), cfg.samples_per_epoch, cfg.batch_size, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    _log(
+        f"model: {cfg.config} {model_config} ({count_parameters(model) / 1e6:.2f} M params), "
+        f"spec input {spec.input_size} channels {spec.channels}; device {device}"
+        f"{' (AMP)' if use_amp else ''}, world {world}; {steps_per_epoch} steps/epoch x "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}",
+        rank,
+    )
+
+    out = Path(cfg.out_dir)
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    train_info_base = {
+        "data": str(Path(cfg.data).resolve()),
+        "split": {k: [c.name for c in v] for k, v in splits.items()},
+        "command": cfg.command or shlex.join(sys.argv),
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "guidance": spec.guidance,
+        "config": cfg.config,
+        "model_config": model_config.to_dict(),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "betas": list(cfg.betas),
+        "schedule": f"linear warm-up {cfg.warmup_frac:g} then cosine",
+        "samples_per_epoch": len(sampler) * world,
+        "num_train_samples": len(train_samples),
+        "num_val_samples": len(val_samples),
+        "min_pixels": cfg.min_pixels,
+        "augment": cfg.augment.to_dict(),
+        "world_size": world,
+        "torch": str(torch.__version__),
+    }
+
+    net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout stream: resumable without RNG state
+        t_epoch = time.perf_counter()
+        losses = []
+        it = loader
+        if cfg.progress and rank == 0:
+            from tqdm import tqdm
+
+            it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+        for step, batch in enumerate(it):
+            lr = lr_at(epoch * steps_per_epoch + step, total_steps, cfg.lr, cfg.warmup_frac)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            losses.append(train_step(net, optimizer, batch, device, scaler))
+            if cfg.progress and rank == 0:
+                it.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
+        train_time = time.perf_counter() - t_epoch
+        n_seen = len(losses) * cfg.batch_size * world
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_s": round(train_time, 2),
+            "samples_per_s": round(n_seen / max(train_time, 1e-9), 2),
+        }
+        _log(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, {train_time:.1f} s, "
+            f"{record['samples_per_s']:.2f} samples/s",
+            rank,
+        )
+        do_val = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        if rank == 0:
+            metrics: dict[str, Any] = {}
+            if do_val:
+                t_val = time.perf_counter()
+                metrics = validate(
+                    model, val_ds, device, batch_size=max(cfg.batch_size, 8),
+                    num_workers=cfg.num_workers, amp=use_amp, progress=cfg.progress,
+                )
+                record["val_s"] = round(time.perf_counter() - t_val, 2)
+                record["val_dice"] = metrics["val_dice"]
+                record["val_dice_per_label"] = metrics["dice"]
+                _log(f"  validation {record['val_s']:.1f} s\n{format_metrics(metrics)}", rank)
+            history.append(record)
+            improved = do_val and metrics["val_dice"] > best
+            if improved:
+                best = metrics["val_dice"]
+                best_metrics = {
+                    "val_dice": metrics["val_dice"],
+                    "val_dice_samples": metrics["val_dice_samples"],
+                    "val_dice_per_label": metrics["dice"],
+                    "val_dice_std_per_label": metrics["dice_std"],
+                    "val_count_per_label": metrics["count"],
+                    "epoch": epoch + 1,
+                }
+            info = dict(
+                train_info_base, history=history, best_val_dice=best, best_metrics=best_metrics
+            )
+            ckpt = Checkpoint.from_model(
+                model, spec, model_config=model_config, train_info=info,
+                metrics=best_metrics, epoch=epoch + 1, optimizer=optimizer,
+            )
+            ckpt.save(last_path)
+            if improved:
+                ckpt.save(best_path)
+                _log(f"  new best val Dice {100 * best:.2f} -> {best_path}", rank)
+        if distributed:
+            dist.barrier()
+
+    _log(f"peak RSS {peak_rss_mb():.0f} MiB", rank)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(
+        best_path if rank == 0 and best_path.exists() else None,
+        last_path if rank == 0 and last_path.exists() else None,
+        best_metrics,
+        history,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# local multi-process launch (CPU DDP, what torchrun does)
+
+
+def _ddp_entry(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    run_training(cfg)
+
+
+def launch_local(cfg: TrainConfig, world_size: int, port: int | None = None) -> None:
+    """Run ``cfg`` in ``world_size`` spawned processes with the gloo backend (CPU DDP)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    mp.spawn(_ddp_entry, args=(world_size, port, cfg), nprocs=world_size, join=True)
