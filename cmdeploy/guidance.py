@@ -14,7 +14,7 @@ The default ``variant="paper"`` is the paper exactly as written:
 2. For a segment S = (p, q) and a pixel x: ``dist(x, S)`` is the Euclidean distance to the closed
    segment; ``sigma_S(x)`` = ``|c - p|`` for pixels on p's side of c (projection along S before c's),
    ``|c - q|`` on q's side, clamped to >= 1 pixel. Pixels exactly level with c (zero measure) use the
-   mean of both, which keeps the map symmetric under flips. ``d_S = dist / sigma_S`` (eq. 3).
+   mean of both (within 1e-3 px), which keeps the map symmetric under flips. ``d_S = dist / sigma_S`` (eq. 3).
 3. ``d1 = min(d_A, d_B)``, ``d2 = sqrt(d_A**2 + d_B**2)`` (eq. 4), ``f = 1 / (1 + d1 * d2)`` (eq. 5).
 
 Other variants (keyword ``variant``):
@@ -37,6 +37,7 @@ VARIANTS: tuple[str, ...] = ("paper", "authors", "chebyshev", "mahalanobis")
 
 _PARALLEL_EPS = 1e-6  # |sin(angle)| below which the two lines count as parallel
 _MIN_SIGMA = 1.0  # pixels
+_TIE_EPS = 1e-3  # pixels: positions this close to c along a segment count as level with c
 
 
 def validate_points(points: np.ndarray | list, *, name: str = "points") -> np.ndarray:
@@ -127,11 +128,14 @@ def _segment_terms(
         return dist, np.broadcast_to(sigma, dist.shape)
     sig_p = np.maximum(np.linalg.norm(c - p, axis=1), _MIN_SIGMA)
     sig_q = np.maximum(np.linalg.norm(c - q, axis=1), _MIN_SIGMA)
-    c_along = (((c - p) * unit).sum(axis=1)).astype(f32)[:, None, None]
+    # signed position along S measured from c (pixels): < 0 on p's side, > 0 on q's side
+    cx = c[:, 0].astype(f32)[:, None, None]
+    cy = c[:, 1].astype(f32)[:, None, None]
+    side = (xs - cx) * ux + (ys - cy) * uy
     sp = sig_p.astype(f32)[:, None, None]
     sq = sig_q.astype(f32)[:, None, None]
     tie = ((sig_p + sig_q) / 2.0).astype(f32)[:, None, None]
-    sigma = np.where(along < c_along, sp, np.where(along > c_along, sq, tie))
+    sigma = np.where(side < -_TIE_EPS, sp, np.where(side > _TIE_EPS, sq, tie))
     return dist, sigma
 
 
