@@ -1,0 +1,268 @@
+"""``cmdeploy infer``: segment every object of a points CSV on a CT series and write the results.
+
+Exit status: 0 on success, 2 for a bad input (series, CSV, options, existing outputs; nothing is
+written), 3 when the model or the inference backend fails. Logs never show patient names, IDs or
+DICOM UIDs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+FORMATS = ("png", "nifti", "dicom-seg")
+REPORT_NAME = "report.json"
+NIFTI_NAME = "labels.nii.gz"
+SEG_NAME = "seg.dcm"
+OVERLAY_FOLDER = "overlays"
+
+
+def infer(
+    input_path: Path = typer.Option(
+        ..., "--input", "-i", help="CT input: DICOM folder or file, .nii/.nii.gz, 16-bit .png or .npy."
+    ),
+    points: Path = typer.Option(
+        ..., "--points", "-p", help="Points CSV: slice_index/sop_instance_uid, label, 8 coordinates."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (created if missing)."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Model: .onnx or TensorRT .engine/.plan (default: embedded model)."
+    ),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Objects per model call."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="onnxruntime intra-op threads (default: one per core)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="onnxruntime device: cpu or cuda."),
+    formats: str | None = typer.Option(
+        None,
+        "--format",
+        help="Comma-separated outputs among png, nifti, dicom-seg (report.json is always written). "
+        "Default: png, plus dicom-seg for DICOM input (with highdicom) or nifti for NIfTI input.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    series_uid: str | None = typer.Option(
+        None, "--series-uid", help="Pick this series when the DICOM folder holds several."
+    ),
+) -> None:
+    """Segment the objects of a points CSV (four extreme points each) on a CT series."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cmdeploy.errors import InputError, ModelError
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        _infer(
+            input_path,
+            points,
+            output,
+            model=model,
+            backend=backend,
+            batch_size=batch_size,
+            threads=threads,
+            device=device,
+            formats=formats,
+            overwrite=overwrite,
+            series_uid=series_uid,
+            err=err,
+        )
+    except InputError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (ModelError, RuntimeError, MemoryError, OSError) as exc:
+        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(3) from None
+
+
+def parse_formats(text: str | None, kind: str) -> list[str]:
+    """The output formats to write: ``text`` checked against :data:`FORMATS`, or the defaults for
+    an input of ``kind`` (:class:`InputError` on unknown names or a SEG for non-DICOM input)."""
+    from cmdeploy.errors import InputError
+
+    is_dicom = kind.startswith("dicom")
+    if text is None or not text.strip():
+        chosen = ["png"]
+        if is_dicom and _has_highdicom():
+            chosen.append("dicom-seg")
+        if kind == "nifti":
+            chosen.append("nifti")
+        return chosen
+    chosen = []
+    for name in (t.strip().lower() for t in text.split(",")):
+        if not name or name == "report":
+            continue
+        if name not in FORMATS:
+            raise InputError(f"--format: unknown format {name!r}; choose from {', '.join(FORMATS)}")
+        if name not in chosen:
+            chosen.append(name)
+    if "dicom-seg" in chosen:
+        if not is_dicom:
+            raise InputError(f"--format dicom-seg needs a DICOM input, got a {kind} input")
+        if not _has_highdicom():
+            raise InputError("--format dicom-seg needs highdicom: pip install 'cmdeploy[dicom]'")
+    return chosen
+
+
+def _has_highdicom() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("highdicom") is not None
+
+
+def output_names(formats: list[str], slices: list[int]) -> list[str]:
+    """Relative names of every file ``infer`` writes for these formats and annotated slices."""
+    from cmdeploy.writers import overlay_name
+
+    names = [REPORT_NAME]
+    if "png" in formats:
+        names += [f"{OVERLAY_FOLDER}/{overlay_name(k)}" for k in slices]
+    if "nifti" in formats:
+        names.append(NIFTI_NAME)
+    if "dicom-seg" in formats:
+        names.append(SEG_NAME)
+    return names
+
+
+def _infer(
+    input_path: Path,
+    points: Path,
+    output: Path,
+    *,
+    model: Path | None,
+    backend: str,
+    batch_size: int,
+    threads: int | None,
+    device: str,
+    formats: str | None,
+    overwrite: bool,
+    series_uid: str | None,
+    err,
+) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from cmdeploy.errors import InputError
+    from cmdeploy.io import open_series
+    from cmdeploy.pipeline import run_pipeline
+    from cmdeploy.points_csv import read_points_csv
+    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.writers.atomic import OutputDir
+
+    t0 = time.perf_counter()
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+
+    # 1. inputs, fully validated before anything runs
+    series = open_series(input_path, series_uid=series_uid)
+    chosen = parse_formats(formats, series.kind)
+    rows = read_points_csv(points, series)
+    slices = sorted({r.slice_index for r in rows})
+    out = OutputDir(output, overwrite=overwrite)
+    out.check(output_names(chosen, slices))
+    h, w = series.shape
+    err.print(
+        f"input: {series.kind}, {series.num_slices} slice(s) of {h} x {w}; "
+        f"{len(rows)} object(s) on {len(slices)} slice(s)"
+    )
+
+    # 2. model
+    seg = Segmenter.load(model, backend=backend, threads=threads, batch_size=batch_size, device=device)
+    err.print(
+        f"model: {seg.model_path.name} ({seg.backend}, {'fused' if seg.fused else 'plain'}, "
+        f"input {seg.spec.input_size} px, guidance {seg.spec.guidance})"
+    )
+
+    # 3. inference
+    with Progress(
+        TextColumn("[bold]segmenting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("objects", total=len(rows))
+        result = run_pipeline(seg, series, rows, progress=lambda n: progress.update(task, completed=n))
+
+    # 4. outputs, all or nothing
+    with out:
+        _write_outputs(out, chosen, series, rows, result, seg, t0, err)
+
+    total = time.perf_counter() - t0
+    table = Table(title="cmdeploy infer", show_header=True)
+    for col in ("objects", "slices", "labels", "time (s)", "objects/s", "model (s)"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(len(rows)),
+        str(len(slices)),
+        str(len(result.label_values)),
+        f"{total:.2f}",
+        f"{len(rows) / result.timings.total:.1f}" if result.timings.total > 0 else "-",
+        f"{result.timings.model:.2f}",
+    )
+    Console(highlight=False).print(table)
+    err.print(f"wrote {len(out.written)} file(s) to {output}")
+
+
+def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> None:
+    """Write the chosen formats and report.json into the staged :class:`OutputDir` ``out``.
+
+    The writers receive one merged object per (slice, base label) (the pipeline's label maps);
+    the report adds the per-row results (line, label as given, area, probability stats) under
+    ``extra``.
+    """
+    import time
+
+    from cmdeploy.errors import InputError
+    from cmdeploy.writers.report import build_report, write_report
+
+    objects = result.label_masks(rows)
+    values = result.label_values
+    try:
+        if "png" in formats:
+            from cmdeploy.writers.png_overlay import write_series_overlays
+
+            write_series_overlays(out, series, objects, folder=OVERLAY_FOLDER, values=values, spec=seg.spec)
+        if "nifti" in formats:
+            from cmdeploy.writers.nifti import write_nifti_labels
+
+            with out.stage(NIFTI_NAME) as tmp:
+                write_nifti_labels(tmp, series, objects, values=values)
+        if "dicom-seg" in formats and not objects:
+            err.print("[yellow]warning:[/yellow] every mask is empty: no DICOM SEG written")
+        elif "dicom-seg" in formats:
+            from cmdeploy.writers.dicom_seg import write_dicom_seg
+
+            with out.stage(SEG_NAME) as tmp:
+                write_dicom_seg(tmp, series, objects, values=values)
+        timings = {**result.timings.to_dict(), "command_total": time.perf_counter() - t0}
+        report = build_report(
+            objects=objects,
+            series=series,
+            model_path=seg.model_path,
+            model_sha256=seg.model_sha256,
+            spec=seg.spec,
+            backend=seg.backend,
+            timings=timings,
+            values=values,
+            outputs=[str(p.relative_to(out.root)) for p in out.pending] + [REPORT_NAME],
+            extra={
+                "model_layout": "fused" if seg.fused else "plain",
+                "batch_size": seg.batch_size,
+                "label_summary": result.label_summary(),
+                "rows": [o.to_dict() for o in result.objects],
+            },
+        )
+        with out.stage(REPORT_NAME) as tmp:
+            write_report(tmp, report)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"cannot write outputs: {exc}") from exc

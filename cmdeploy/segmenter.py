@@ -1,0 +1,466 @@
+"""The embeddable predictor: :class:`Segmenter` (cf. segment-anything's ``SamPredictor``).
+
+    >>> from cmdeploy import Segmenter
+    >>> seg = Segmenter.load()                      # embedded default, or a .onnx / .engine path
+    >>> mask = seg.predict(slice_hu, points)        # (H, W) HU, (4, 2) -> bool (H, W)
+    >>> probs = seg.predict(slice_hu, points, return_probabilities=True)  # float32 (H, W)
+
+Points are (4, 2) in the order left, right, top, bottom, each ``(x, y)`` with x = column and y = row
+of the slice in pixels (pixel centres at integers). Slices are 2-D Hounsfield-unit arrays indexed
+``[y, x]``.
+
+Two model layouts are recognised from the model's inputs:
+
+* **plain**: one input ``(N, C, S, S)`` (named ``input``) -> ``logits`` ``(N, 1, S, S)``. Cropping,
+  windowing and guidance happen in NumPy (:func:`cmdeploy.preprocess.prepare_batch`); the sigmoid of
+  the logits is pasted back into the slice (0 outside the crop's footprint).
+* **fused**: inputs ``slices`` ``(B, H, W)`` float32 HU and ``points`` ``(B, 4, 2)`` ->
+  ``probabilities`` ``(B, H, W)``; preprocessing runs inside the model. Items are grouped by slice
+  shape, one model call per shape and chunk.
+
+The threshold (``probability > spec.threshold``) comes from the model's :class:`ModelSpec`.
+The three stages (:meth:`Segmenter.prepare`, :meth:`Segmenter.infer`,
+:meth:`Segmenter.slice_probabilities`) are public so that :mod:`cmdeploy.pipeline` can overlap
+preprocessing with inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cmdeploy.errors import InputError, ModelError
+from cmdeploy.geometry import CropTransform, sample_bilinear
+from cmdeploy.guidance import validate_points
+from cmdeploy.preprocess import prepare_batch, sigmoid
+from cmdeploy.spec import ModelSpec
+
+Backend = Literal["auto", "onnxruntime", "tensorrt"]
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+FUSED_INPUTS = ("slices", "points")
+# how far (pixels) a point may lie outside the pixel-centre grid [0, W-1] x [0, H-1]
+POINT_MARGIN = 0.5
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_slice(slice_hu: Any, *, name: str = "slice") -> np.ndarray:
+    """A finite, numeric 2-D (H, W) slice as float32; :class:`InputError` otherwise."""
+    arr = np.asarray(slice_hu)
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be a 2-D (H, W) array of HU, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name} must be numeric HU, got dtype {arr.dtype}")
+    if min(arr.shape) < 2:
+        raise InputError(f"{name} must be at least 2 x 2 pixels, got shape {arr.shape}")
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or inf")
+    return arr
+
+
+def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -> np.ndarray:
+    """Validated (4, 2) float32 extreme points inside an (H, W) slice; :class:`InputError` otherwise.
+
+    Order left, right, top, bottom, each (x = column, y = row); see
+    :func:`cmdeploy.guidance.validate_points`. Points may lie at most 0.5 px outside the pixel grid.
+    """
+    if np.ndim(points) != 2:
+        raise InputError(
+            f"{name} must have shape (4, 2) (left, right, top, bottom; each (x, y)), "
+            f"got shape {np.shape(points)}"
+        )
+    try:
+        pts = validate_points(points, name=name)[0]
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    h, w = shape
+    m = POINT_MARGIN
+    outside = (pts[:, 0] < -m) | (pts[:, 0] > w - 1 + m) | (pts[:, 1] < -m) | (pts[:, 1] > h - 1 + m)
+    if outside.any():
+        which = [("left", "right", "top", "bottom")[i] for i in np.nonzero(outside)[0]]
+        raise InputError(
+            f"{name}: {', '.join(which)} point(s) lie outside the {h} x {w} slice "
+            f"(x must be in [0, {w - 1}], y in [0, {h - 1}]): {pts.tolist()}"
+        )
+    return pts.astype(np.float32)
+
+
+def _axis_samples(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D bilinear taps along one axis, exactly as :func:`cmdeploy.geometry.sample_bilinear`."""
+    inside = (coords >= 0) & (coords <= n - 1)
+    c = np.clip(coords, 0, n - 1)
+    lo = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, (c - lo).astype(np.float32), inside
+
+
+def _resample_window(crop: np.ndarray, matrix: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bilinear samples of an (S, S) crop at the crop images of slice pixels ``ys x xs``.
+
+    ``matrix`` maps slice (x, y) -> crop (u, v); 0 where a pixel maps outside the crop. Equal to
+    :func:`cmdeploy.geometry.paste_back` on that window; axis-aligned maps (no rotation, the
+    inference case) take a separable path that gathers rows and columns instead of every pixel.
+    """
+    m = matrix
+    if m[0, 1] != 0 or m[1, 0] != 0:  # rotated: general 2-D sampling
+        us = m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2]
+        vs = m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2]
+        return sample_bilinear(crop, us, vs, fill=0.0)
+    h, w = crop.shape
+    x0, x1, fx, in_x = _axis_samples(m[0, 0] * xs + m[0, 2], w)
+    y0, y1, fy, in_y = _axis_samples(m[1, 1] * ys + m[1, 2], h)
+    # same operation order as sample_bilinear (x first, then y), so results match bit for bit
+    along_x = crop[:, x0] * (1 - fx) + crop[:, x1] * fx  # (S, w_win)
+    out = along_x[y0] * (1 - fy)[:, None] + along_x[y1] * fy[:, None]
+    out[~in_y] = 0.0
+    out[:, ~in_x] = 0.0
+    return out.astype(np.float32, copy=False)
+
+
+def _batch_limits(runner: Any) -> tuple[int, int | None]:
+    """(min, max) batch size a runner accepts per call: a static ONNX batch axis fixes both; a
+    TensorRT engine's optimisation profile gives its range; otherwise (1, unlimited)."""
+    fixed = getattr(runner, "fixed_batch", None)
+    if fixed:
+        return int(fixed), int(fixed)
+    sidecar = getattr(runner, "sidecar", None)
+    if sidecar is not None:
+        lo, _, hi = sidecar.batch_range
+        return max(int(lo), 1), int(hi)
+    return 1, None
+
+
+@dataclass
+class PreparedBatch:
+    """Model-ready inputs of N objects (from :meth:`Segmenter.prepare`).
+
+    Attributes:
+        slice_shapes: (H, W) of each object's slice.
+        inputs: plain models: (N, C, S, S) float32 network input.
+        transforms: plain models: the crop transform of each object.
+        slices: fused models: each object's (H, W) float32 HU slice (references, not copies).
+        points: (N, 4, 2) float32 extreme points in slice pixels.
+    """
+
+    slice_shapes: list[tuple[int, int]]
+    points: np.ndarray
+    inputs: np.ndarray | None = None
+    transforms: list[CropTransform] = field(default_factory=list)
+    slices: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.slice_shapes)
+
+
+class Segmenter:
+    """Extreme-point segmentation with one loaded model; build with :meth:`Segmenter.load`.
+
+    Attributes:
+        spec: the model's :class:`~cmdeploy.spec.ModelSpec`.
+        backend: ``"onnxruntime"`` or ``"tensorrt"``.
+        model_path: the model file.
+        fused: True when the model does its own preprocessing (inputs ``slices``, ``points``).
+        batch_size: most objects per model call.
+    """
+
+    def __init__(
+        self, runner: Any, spec: ModelSpec, *, model_path: Path, backend: str, batch_size: int = 16
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self._runner = runner
+        self.spec = spec
+        self.model_path = Path(model_path)
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        names = list(runner.input_names)
+        self.fused = sorted(names) == sorted(FUSED_INPUTS)
+        outs = list(runner.output_names)
+        if self.fused:
+            self._output = "probabilities" if "probabilities" in outs else outs[0]
+        else:
+            if len(names) != 1:
+                raise ModelError(
+                    f"{self.model_path.name}: expected one input (N, C, S, S) or the fused inputs "
+                    f"{list(FUSED_INPUTS)}, got inputs {names}"
+                )
+            self._input = names[0]
+            self._output = "logits" if "logits" in outs else outs[0]
+            self._check_plain_shape()
+        self._min_batch, self._max_batch = _batch_limits(runner)
+
+    def _check_plain_shape(self) -> None:
+        shapes = getattr(self._runner, "input_shapes", {}) or {}
+        shape = shapes.get(self._input)
+        if isinstance(shape, dict):  # TensorRT sidecar profile {"min", "opt", "max"}
+            shape = tuple(shape.get("opt", ()))
+        if not shape or len(shape) != 4:
+            return
+        _, c, h, w = shape
+        want = (self.spec.num_channels, self.spec.input_size, self.spec.input_size)
+        got = (c, h, w)
+        if any(g is not None and g > 0 and g != x for g, x in zip(got, want, strict=True)):
+            raise ModelError(
+                f"{self.model_path.name}: input {self._input!r} has shape {shape}, but its spec "
+                f"asks for (N, {want[0]}, {want[1]}, {want[2]}) (channels {self.spec.channels})"
+            )
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        path: str | Path | None = None,
+        *,
+        backend: Backend = "auto",
+        threads: int | None = None,
+        batch_size: int = 16,
+        device: str = "cpu",
+    ) -> Segmenter:
+        """Load a model and its :class:`ModelSpec`.
+
+        Args:
+            path: ``.onnx`` model or TensorRT ``.engine``/``.plan`` (with its JSON sidecar); None =
+                the embedded default (:func:`cmdeploy.models.default_model_path`).
+            backend: ``"auto"`` (by file suffix), ``"onnxruntime"`` or ``"tensorrt"``.
+            threads: onnxruntime intra-op threads (None = one per core).
+            batch_size: most objects per model call.
+            device: onnxruntime device, ``"cpu"`` or ``"cuda"``.
+
+        Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
+        """
+        if path is None:
+            from cmdeploy.models import default_model_path
+
+            path = default_model_path()
+        path = Path(path)
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not path.is_file():
+            raise ModelError(f"model file {path} not found")
+        if backend == "auto":
+            backend = "tensorrt" if path.suffix.lower() in ENGINE_SUFFIXES else "onnxruntime"
+        if backend == "tensorrt":
+            from cmdeploy.backends.tensorrt import TensorRTRunner
+
+            runner: Any = TensorRTRunner(path)
+            spec = runner.spec
+        else:
+            if path.suffix.lower() in ENGINE_SUFFIXES:
+                raise ModelError(f"{path.name} is a TensorRT engine; use backend 'tensorrt'")
+            from cmdeploy.backends.onnxruntime import OnnxRuntimeRunner
+
+            runner = OnnxRuntimeRunner(path, threads=threads, device=device)
+            try:
+                spec = ModelSpec.from_metadata(runner.metadata)
+            except (ValueError, TypeError) as exc:
+                raise ModelError(f"{path.name}: cannot read its model spec: {exc}") from exc
+        return cls(runner, spec, model_path=path, backend=backend, batch_size=batch_size)
+
+    @cached_property
+    def model_sha256(self) -> str:
+        """Hex SHA-256 of the model file (computed on first use)."""
+        return _sha256(self.model_path)
+
+    @property
+    def threshold(self) -> float:
+        """Probability above which a pixel is foreground (from the spec)."""
+        return self.spec.threshold
+
+    def __repr__(self) -> str:
+        kind = "fused" if self.fused else "plain"
+        return (
+            f"Segmenter({self.model_path.name!r}, backend={self.backend!r}, {kind}, "
+            f"input_size={self.spec.input_size}, guidance={self.spec.guidance!r}, "
+            f"batch_size={self.batch_size})"
+        )
+
+    # ------------------------------------------------------------------------------ stages
+    def prepare(self, slices: Sequence[np.ndarray], points: np.ndarray) -> PreparedBatch:
+        """Stage 1: model inputs for already validated float32 slices and (N, 4, 2) points.
+
+        ``slices[i]`` is the slice of object ``i`` (the same array may repeat). Plain models get
+        the crop/window/guidance tensor; fused models only stack references.
+        """
+        pts = np.asarray(points, dtype=np.float32).reshape(-1, 4, 2)
+        shapes = [tuple(s.shape) for s in slices]
+        if self.fused:
+            return PreparedBatch(slice_shapes=shapes, points=pts, slices=list(slices))
+        inputs, transforms = prepare_batch(slices, pts, self.spec)
+        return PreparedBatch(slice_shapes=shapes, points=pts, inputs=inputs, transforms=transforms)
+
+    def infer(self, batch: PreparedBatch) -> list[np.ndarray] | np.ndarray:
+        """Stage 2: run the model. Plain: (N, S, S) float32 crop probabilities; fused: a list of
+        N (H, W) float32 slice probabilities."""
+        if len(batch) == 0:
+            s = self.spec.input_size
+            return [] if self.fused else np.zeros((0, s, s), np.float32)
+        return self._infer_fused(batch) if self.fused else self._infer_plain(batch)
+
+    def slice_probabilities(
+        self, batch: PreparedBatch, output: list[np.ndarray] | np.ndarray, i: int
+    ) -> np.ndarray:
+        """Stage 3: object ``i``'s probabilities in its slice, float32 (H, W), 0 outside the crop."""
+        if self.fused:
+            return output[i]
+        full = np.zeros(batch.slice_shapes[i], dtype=np.float32)
+        probs, window = self.slice_window(batch, output, i)
+        full[window] = probs
+        return full
+
+    def slice_window(
+        self, batch: PreparedBatch, output: list[np.ndarray] | np.ndarray, i: int
+    ) -> tuple[np.ndarray, tuple[slice, slice]]:
+        """Like :meth:`slice_probabilities`, but only over the crop's footprint in the slice.
+
+        Returns ``(probs, (rows, cols))``: ``full[rows, cols] == probs`` and ``full`` is 0 outside
+        the window (plain models; fused models return the whole slice). The window may be empty.
+        """
+        h, w = batch.slice_shapes[i]
+        if self.fused:
+            return output[i], (slice(0, h), slice(0, w))
+        t = batch.transforms[i]
+        s = t.crop_size
+        corners = t.to_slice(np.array([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]], np.float64))
+        x0 = max(int(np.floor(corners[:, 0].min())), 0)
+        x1 = min(int(np.ceil(corners[:, 0].max())), w - 1) + 1
+        y0 = max(int(np.floor(corners[:, 1].min())), 0)
+        y1 = min(int(np.ceil(corners[:, 1].max())), h - 1) + 1
+        if x0 >= x1 or y0 >= y1:
+            return np.zeros((0, 0), np.float32), (slice(0, 0), slice(0, 0))
+        xs = np.arange(x0, x1, dtype=np.float64)
+        ys = np.arange(y0, y1, dtype=np.float64)
+        probs = _resample_window(np.asarray(output[i], np.float32), t.matrix, xs, ys)
+        return probs, (slice(y0, y1), slice(x0, x1))
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """Model calls of at most ``batch_size`` items (within the model's batch limits)."""
+        step = max(min(self.batch_size, self._max_batch or self.batch_size), self._min_batch)
+        return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+    def _pad(self, arr: np.ndarray) -> np.ndarray:
+        """Repeat the first item up to the model's minimum batch (static batch axes)."""
+        short = self._min_batch - len(arr)
+        if short <= 0:
+            return arr
+        return np.concatenate([arr, np.repeat(arr[:1], short, axis=0)])
+
+    def _infer_plain(self, batch: PreparedBatch) -> np.ndarray:
+        x = batch.inputs
+        assert x is not None
+        n = len(x)
+        s = self.spec.input_size
+        out = np.empty((n, s, s), dtype=np.float32)
+        for a, b in self._chunks(n):
+            logits = np.asarray(self._runner.run({self._input: self._pad(x[a:b])})[self._output])
+            if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape[2:] != (s, s):
+                raise ModelError(
+                    f"{self.model_path.name}: output {self._output!r} has shape {logits.shape}, "
+                    f"expected (N, 1, {s}, {s})"
+                )
+            out[a:b] = sigmoid(logits[: b - a, 0])
+        return out
+
+    def _infer_fused(self, batch: PreparedBatch) -> list[np.ndarray]:
+        result: list[np.ndarray | None] = [None] * len(batch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(batch.slice_shapes):
+            groups.setdefault(shape, []).append(i)
+        for shape, idx in groups.items():
+            for a, b in self._chunks(len(idx)):
+                sel = idx[a:b]
+                slices = self._pad(np.stack([batch.slices[i] for i in sel]).astype(np.float32, copy=False))
+                pts = self._pad(batch.points[sel])
+                probs = np.asarray(
+                    self._runner.run({"slices": slices, "points": pts})[self._output],
+                    dtype=np.float32,
+                )
+                if probs.shape[1:] != shape:
+                    raise ModelError(
+                        f"{self.model_path.name}: output {self._output!r} has shape {probs.shape}, "
+                        f"expected (B, {shape[0]}, {shape[1]})"
+                    )
+                for j, i in enumerate(sel):
+                    result[i] = probs[j]
+        return result  # type: ignore[return-value]
+
+    # --------------------------------------------------------------------------- predictors
+    def predict(
+        self, slice_hu: np.ndarray, points: np.ndarray, *, return_probabilities: bool = False
+    ) -> np.ndarray:
+        """Segment one object.
+
+        Args:
+            slice_hu: (H, W) slice in HU, indexed ``[y, x]``.
+            points: (4, 2) extreme points left, right, top, bottom, each ``(x, y)`` in pixels.
+            return_probabilities: return float32 probabilities in [0, 1] instead of the mask.
+
+        Returns:
+            bool (H, W) mask (``probability > spec.threshold``), or float32 (H, W) probabilities.
+        """
+        return self.predict_batch([slice_hu], [points], return_probabilities=return_probabilities)[0]
+
+    def predict_batch(
+        self,
+        slices: Sequence[np.ndarray] | np.ndarray,
+        points: Sequence[np.ndarray] | np.ndarray,
+        *,
+        return_probabilities: bool = False,
+    ) -> list[np.ndarray]:
+        """Segment N objects; ``batch_size`` of them per model call.
+
+        Args:
+            slices: N (H_i, W_i) HU slices (a list or an (N, H, W) array); a single (H, W) array is
+                used for every object.
+            points: (N, 4, 2) extreme points or a list of N (4, 2) arrays; ``points[i]`` lies on
+                ``slices[i]``.
+            return_probabilities: return float32 probabilities instead of bool masks.
+
+        Returns:
+            a list of N bool (or float32) (H_i, W_i) arrays, in input order.
+        """
+        pts_list = [points[i] for i in range(len(points))]
+        if isinstance(slices, np.ndarray) and slices.ndim == 2:
+            checked = check_slice(slices)
+            slice_list = [checked] * len(pts_list)
+        else:
+            if isinstance(slices, np.ndarray) and slices.ndim != 3:
+                raise InputError(f"slices must be (H, W), (N, H, W) or a list, got shape {slices.shape}")
+            if len(slices) != len(pts_list):
+                raise InputError(f"got {len(slices)} slices but {len(pts_list)} point sets")
+            # validate each distinct slice object once (objects often share a slice); the cache
+            # holds the originals too, so their ids cannot be reused while it lives
+            cache: dict[int, tuple[Any, np.ndarray]] = {}
+            slice_list = []
+            for i, s in enumerate(slices):
+                if id(s) not in cache:
+                    cache[id(s)] = (s, check_slice(s, name=f"slice {i}"))
+                slice_list.append(cache[id(s)][1])
+        checked_pts = [
+            check_points(p, s.shape, name=f"points {i}")
+            for i, (p, s) in enumerate(zip(pts_list, slice_list, strict=True))
+        ]
+        pts = np.stack(checked_pts) if checked_pts else np.zeros((0, 4, 2), np.float32)
+
+        results: list[np.ndarray] = []
+        for a in range(0, len(pts), self.batch_size):
+            b = min(a + self.batch_size, len(pts))
+            batch = self.prepare(slice_list[a:b], pts[a:b])
+            out = self.infer(batch)
+            for i in range(len(batch)):
+                p = self.slice_probabilities(batch, out, i)
+                results.append(p if return_probabilities else p > np.float32(self.threshold))
+        return results
