@@ -1,8 +1,10 @@
 """Extreme points from a label volume: one points-CSV row per connected object per slice.
 
-Label volumes are read like CT (see :mod:`cmdeploy.io.series`): NIfTI slice ``k`` is
-``dataobj[:, :, k].T`` (rows = j, columns = i); a ``.npy`` is ``(H, W)`` or ``(N, H, W)`` with slice
-``k`` = ``arr[k]``. Values are integer label ids, 0 = background.
+Label volumes are read like CT (see :mod:`cmdeploy.io.series`): a NIfTI is read reoriented to LPS
+by :mod:`cmdeploy.io.nifti`, slice ``k`` = ``data_lps[:, :, k].T`` (rows anterior -> posterior,
+columns patient right -> left), so a CSV made from a label NIfTI matches the image NIfTI read by
+``infer`` whatever either file's storage order; a ``.npy`` is ``(H, W)`` or ``(N, H, W)`` with
+slice ``k`` = ``arr[k]``. Values are integer label ids, 0 = background.
 
 On every slice, each label id is split into connected components (4-connectivity by default:
 pixels touching by an edge; 8 adds diagonal neighbours), components smaller than ``min_size``
@@ -207,11 +209,11 @@ def open_label_volume(path: str | Path) -> LabelVolume:
         raise InputError(f"label volume '{p}' does not exist or is not a file")
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        from cmdeploy.io.nifti import load_nifti, nifti_slice, nifti_volume_shape
+        from cmdeploy.io.nifti import nifti_slice, open_nifti
 
-        img = load_nifti(p)
-        x, y, z = nifti_volume_shape(img, p)
-        return LabelVolume(p, z, (y, x), lambda k: nifti_slice(img, k, p))
+        img, orientation = open_nifti(p)
+        x, y, z = orientation.shape
+        return LabelVolume(p, z, (y, x), lambda k: nifti_slice(img, orientation, k, p))
     if name.endswith(".npy"):
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)

@@ -111,19 +111,29 @@ def test_volume_array_and_on_slice() -> None:
 
 
 def test_nifti_label_volume_uses_ct_convention(tmp_path) -> None:
+    """Labels stored RAS and CT stored LPS (same voxels in mm) give the same LPS slices and points."""
     import nibabel as nib
 
-    data = np.zeros((12, 9, 2), np.uint8)  # (X, Y, Z)
-    data[2:6, 1:4, 1] = 3  # x in 2..5, y in 1..3 on slice 1
-    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "lab.nii.gz")
-    nib.save(nib.Nifti1Image(data.astype(np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    ras_aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    lps_aff = ras_aff @ np.array([[-1, 0, 0, 11], [0, -1, 0, 8], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    data = np.zeros((12, 9, 2), np.uint8)  # (X, Y, Z) in RAS: i -> patient right, j -> anterior
+    data[2:6, 1:4, 1] = 3  # i in 2..5, j in 1..3 on slice 1
+    data[2, 1, 1] = 0  # asymmetric: the (left-most, posterior-most) corner is missing
+    nib.save(nib.Nifti1Image(data, ras_aff), tmp_path / "lab.nii.gz")
+    ct = data[::-1, ::-1, :].astype(np.int16)
+    nib.save(nib.Nifti1Image(ct, lps_aff), tmp_path / "ct.nii.gz")
     vol = open_label_volume(tmp_path / "lab.nii.gz")
-    ct = open_series(tmp_path / "ct.nii.gz")
-    assert (len(vol), vol.shape) == (len(ct), ct.shape) == (2, (9, 12))
-    np.testing.assert_array_equal(vol.slice(1), ct.slice_hu(1))
+    series = open_series(tmp_path / "ct.nii.gz")
+    assert (len(vol), vol.shape) == (len(series), series.shape) == (2, (9, 12))
+    np.testing.assert_array_equal(vol.slice(1), series.slice_hu(1))
+    expected = data[::-1, ::-1, 1].T  # LPS slice: x = 11 - i (right -> left), y = 8 - j (A -> P)
+    np.testing.assert_array_equal(vol.slice(1), expected)
+    assert vol.slice(1)[7, 9] == 0 and vol.slice(1)[7, 8] == 3  # the missing corner, mirrored
     (row,) = points_from_label_volume(vol.iter_slices())
     assert row.slice_index == 1
-    np.testing.assert_array_equal(row.points, [[2, 2], [5, 2], [3, 1], [3, 3]])
+    np.testing.assert_array_equal(row.points, extreme_points(expected == 3))
+    assert row.points[:, 0].min() == 6 and row.points[:, 0].max() == 9  # x = 11 - i for i 5..2
+    assert row.points[:, 1].min() == 5 and row.points[:, 1].max() == 7  # y = 8 - j for j 3..1
 
 
 def test_label_volume_refusals(tmp_path) -> None:

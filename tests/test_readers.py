@@ -353,28 +353,119 @@ def _nifti(tmp_path: Path, data: np.ndarray, name: str = "ct.nii.gz", **hdr) -> 
     return p
 
 
-def test_nifti_orientation_convention(tmp_path) -> None:
-    i, j, k = np.meshgrid(np.arange(4), np.arange(3), np.arange(2), indexing="ij")
-    data = (100 * i + 10 * j + k).astype(np.int16)  # shape (X=4, Y=3, Z=2), asymmetric
-    s = open_series(_nifti(tmp_path, data))
-    assert s.kind == "nifti" and len(s) == 2 and s.shape == (3, 4)  # (H = Y, W = X)
-    assert s.spacing_xy_mm == pytest.approx((0.5, 0.7))
-    assert s.volume_shape == (4, 3, 2)
-    np.testing.assert_allclose(s.affine[:3, 3], [-10, 20, 30])
-    for kk, hu in s.iter_slices():
-        ys, xs = np.mgrid[0:3, 0:4]
-        np.testing.assert_array_equal(hu, 100 * xs + 10 * ys + kk)  # hu[y, x] = data[x, y, k]
-        np.testing.assert_array_equal(hu, data[:, :, kk].T)
+# A RAS-stored grid (voxel (i, j, k) -> RAS mm) and the same physical voxels stored other ways.
+RAS_AFFINE = np.array([[0.5, 0, 0, -10], [0, 0.7, 0, 20], [0, 0, 2.0, 30], [0, 0, 0, 1.0]])
+
+
+def _flip_ij(shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel map (i', j', k) -> (X-1-i', Y-1-j', k): RAS storage -> LPS storage."""
+    x, y, _ = shape
+    return np.array([[-1, 0, 0, x - 1], [0, -1, 0, y - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+
+
+def _coronal(shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel map (a, b, c) -> (i, j, k) = (b, Y-1-c, a): stored axes (S, R, P), third axis not S/I."""
+    _, y, _ = shape
+    return np.array([[0, 1, 0, 0], [0, 0, -1, y - 1], [1, 0, 0, 0], [0, 0, 0, 1.0]])
+
+
+def _stored_three_ways(tmp_path: Path, ras: np.ndarray, name: str = "ct") -> dict[str, Path]:
+    """``ras`` (X, Y, Z) saved as RAS, as LPS (i and j reversed) and as (S, R, P) with permuted axes."""
+    import nibabel as nib
+
+    out = {}
+    variants = {
+        "ras": (ras, RAS_AFFINE),
+        "lps": (ras[::-1, ::-1, :], RAS_AFFINE @ _flip_ij(ras.shape)),
+        "srp": (ras.transpose(2, 0, 1)[:, :, ::-1], RAS_AFFINE @ _coronal(ras.shape)),
+    }
+    for key, (data, affine) in variants.items():
+        out[key] = tmp_path / f"{name}_{key}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), out[key])
+    return out
+
+
+def _asymmetric(shape=(4, 3, 2)) -> np.ndarray:
+    i, j, k = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (100 * i + 10 * j + k).astype(np.int16)  # every voxel distinct
+
+
+def _nib_affine(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.load(path).affine
+
+
+def test_nifti_slices_are_lps_whatever_the_storage(tmp_path) -> None:
+    ras = _asymmetric()  # (X=4, Y=3, Z=2) in RAS: i -> patient right, j -> anterior
+    paths = _stored_three_ways(tmp_path, ras)
+    for key, path in paths.items():
+        s = open_series(path)
+        assert s.kind == "nifti" and len(s) == 2 and s.shape == (3, 4), key  # (H = Y, W = X)
+        assert s.spacing_xy_mm == pytest.approx((0.5, 0.7)), key
+        np.testing.assert_allclose(s.affine, _nib_affine(path), err_msg=key)  # original affine
+        for kk, hu in s.iter_slices():
+            # LPS slice: row y = anterior -> posterior (j reversed), column x = right -> left
+            ys, xs = np.mgrid[0:3, 0:4]
+            np.testing.assert_array_equal(hu, 100 * (3 - xs) + 10 * (2 - ys) + kk, err_msg=key)
+            np.testing.assert_array_equal(hu, ras[::-1, ::-1, kk].T, err_msg=key)
+    assert open_series(paths["srp"]).volume_shape == (2, 4, 3)  # the stored grid, not the LPS one
+    assert open_series(paths["ras"]).volume_shape == (4, 3, 2)
+
+
+def test_nifti_slices_match_the_training_loader(tmp_path) -> None:
+    """The runtime's slice k is the training loader's slice k, and nibabel's canonical LPS."""
+    import nibabel as nib
+
+    from cmdeploy.train.data import Case, load_volume
+
+    ras = _asymmetric((5, 4, 3))
+    labels = (ras % 7).astype(np.uint8)
+    images = _stored_three_ways(tmp_path, ras, "img")
+    labs = _stored_three_ways(tmp_path, labels, "lab")
+    lps_ornt = np.array([[0, -1], [1, -1], [2, 1]])
+    for key in images:
+        vol = load_volume(Case(key, images[key], labs[key]))
+        ref = nib.as_closest_canonical(nib.load(images[key])).as_reoriented(lps_ornt)
+        s = open_series(images[key])
+        assert vol.image.shape == (len(s), *s.shape)
+        assert vol.spacing_xy == pytest.approx(s.spacing_xy_mm)
+        for k, hu in s.iter_slices():
+            np.testing.assert_array_equal(hu, vol.image[k], err_msg=key)
+            np.testing.assert_array_equal(hu, np.asarray(ref.dataobj)[:, :, k].T, err_msg=key)
+            np.testing.assert_array_equal(vol.labels[k], (hu.astype(np.int64) % 7), err_msg=key)
+
+
+def test_lps_orientation_round_trip_and_refusal() -> None:
+    from cmdeploy.io.nifti import lps_orientation
+
+    shape = (4, 3, 2)
+    ras = _asymmetric(shape)
+    o = lps_orientation(RAS_AFFINE @ _coronal(shape), (2, 4, 3))
+    stored = ras.transpose(2, 0, 1)[:, :, ::-1]
+    assert o.shape == shape and not o.is_identity
+    np.testing.assert_array_equal(o.to_lps(stored), ras[::-1, ::-1, :])
+    np.testing.assert_array_equal(o.to_stored(o.to_lps(stored)), stored)
+    # the LPS affine puts every LPS voxel at the same mm position as its stored voxel
+    lps_aff = o.lps_affine(RAS_AFFINE @ _coronal(shape))
+    np.testing.assert_allclose(lps_aff @ [0, 0, 0, 1], RAS_AFFINE @ [3, 2, 0, 1])  # right-anterior
+    assert lps_orientation(np.diag([-1.0, -1, 1, 1]), shape).is_identity
+    with pytest.raises(InputError, match="degenerate"):
+        lps_orientation(np.diag([1.0, 0.0, 1.0, 1.0]), shape, source="flat.nii")
+    with pytest.raises(ValueError, match="LPS grid"):
+        o.to_stored(np.zeros((2, 4, 3)))
 
 
 def test_nifti_scaling_4d_and_errors(tmp_path, monkeypatch) -> None:
     data = np.zeros((5, 6, 3), np.int16)
-    data[1, 2, 0] = 10
+    data[1, 2, 0] = 10  # RAS storage: LPS column x = 4 - i, row y = 5 - j
     s = open_series(_nifti(tmp_path, data, slope=2.0, inter=-1024.0))
     hu = s.slice_hu(0)
-    assert hu[2, 1] == 2 * 10 - 1024 and hu[0, 0] == -1024
+    assert hu[3, 3] == 2 * 10 - 1024 and hu[0, 0] == -1024
     s4 = open_series(_nifti(tmp_path, data[..., None], name="four.nii"))
     assert len(s4) == 3 and s4.shape == (6, 5)
+    s2 = open_series(_nifti(tmp_path, data[:, :, 0], name="flat.nii"))  # 2-D: one slice
+    assert len(s2) == 1 and s2.shape == (6, 5) and s2.slice_hu(0)[3, 3] == 10
     with pytest.raises(InputError, match="shape"):
         open_series(_nifti(tmp_path, np.zeros((5, 6, 3, 2), np.int16), name="two.nii"))
     bad = tmp_path / "bad.nii.gz"

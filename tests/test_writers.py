@@ -162,15 +162,18 @@ def _asymmetric_mask(h: int, w: int) -> np.ndarray:
 
 
 def test_nifti_labels_align_with_nifti_input(tmp_path: Path) -> None:
+    """A sheared input stored (R, P, S): labels go back on its own grid and affine."""
     from cmdeploy.io import read_nifti
     from cmdeploy.writers.nifti import write_nifti_labels
 
     X, Y, Z = 7, 5, 3
-    ct = np.arange(X * Y * Z, dtype=np.int16).reshape(X, Y, Z)
+    ct = np.arange(X * Y * Z, dtype=np.int16).reshape(X, Y, Z)  # every voxel distinct
     affine = np.array([[0.8, 0.1, 0, -10], [0, -0.7, 0, 20], [0.05, 0, 2.5, 30], [0, 0, 0, 1.0]])
     nib.save(nib.Nifti1Image(ct, affine), str(tmp_path / "ct.nii.gz"))
     series = read_nifti(tmp_path / "ct.nii.gz")
     assert series.shape == (Y, X)
+    # i runs to patient right, j to posterior: LPS slice x = X-1-i, y = j
+    np.testing.assert_array_equal(series.slice_hu(1), ct[::-1, :, 1].T)
     m1 = _asymmetric_mask(Y, X)
     m2 = np.zeros((Y, X), dtype=bool)
     m2[2, 3] = True
@@ -182,9 +185,9 @@ def test_nifti_labels_align_with_nifti_input(tmp_path: Path) -> None:
     data = np.asarray(img.dataobj)
     assert data.shape == (X, Y, Z) and data.dtype == np.uint8
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
-    assert data[X - 2, 1, 1] == 1  # mask[y=1, x=X-2] -> voxel (i=x, j=y, k)
-    assert data[3, 2, 2] == 2
-    assert data[3, 2, 1] == 2  # the later object wins where two overlap
+    assert data[1, 1, 1] == 1  # mask[y=1, x=X-2] -> voxel (i=X-1-x, j=y, k)
+    assert data[X - 1 - 3, 2, 2] == 2
+    assert data[X - 1 - 3, 2, 1] == 2  # the later object wins where two overlap
     expected = np.zeros((Z, Y, X), np.uint8)
     expected[1][m1] = 1
     expected[1][m2] = 2
@@ -193,7 +196,60 @@ def test_nifti_labels_align_with_nifti_input(tmp_path: Path) -> None:
     labels = read_nifti(tmp_path / "labels.nii.gz")
     for k in range(Z):
         np.testing.assert_array_equal(labels.slice_hu(k), expected[k])
-        np.testing.assert_array_equal(series.slice_hu(k)[m1], ct[:, :, k].T[m1])
+        np.testing.assert_array_equal(np.sort(ct[:, :, k][data[:, :, k] > 0]),
+                                      np.sort(series.slice_hu(k)[expected[k] > 0]))
+
+
+def _same_voxels_stored(tmp_path: Path, ras: np.ndarray, ras_affine: np.ndarray) -> dict[str, Path]:
+    """``ras`` saved as RAS, as LPS (i, j reversed) and as (S, R, P) (permuted, third axis A/P)."""
+    x, y, _ = ras.shape
+    flip = np.array([[-1, 0, 0, x - 1], [0, -1, 0, y - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    srp = np.array([[0, 1, 0, 0], [0, 0, -1, y - 1], [1, 0, 0, 0], [0, 0, 0, 1.0]])  # (a,b,c)->(b,Y-1-c,a)
+    variants = {
+        "ras": (ras, ras_affine),
+        "lps": (ras[::-1, ::-1, :], ras_affine @ flip),
+        "srp": (ras.transpose(2, 0, 1)[:, :, ::-1], ras_affine @ srp),
+    }
+    out = {}
+    for key, (data, aff) in variants.items():
+        out[key] = tmp_path / f"ct_{key}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), aff), str(out[key]))
+    return out
+
+
+def test_nifti_labels_overlay_ras_lps_and_permuted_inputs(tmp_path: Path) -> None:
+    """One slice-frame mask -> labels on each input's own grid, at the same mm positions."""
+    from cmdeploy.io import read_nifti
+    from cmdeploy.writers.nifti import write_nifti_labels, write_series_nifti
+
+    X, Y, Z = 6, 5, 4
+    ras = np.arange(X * Y * Z, dtype=np.int16).reshape(X, Y, Z)  # i -> right, j -> anterior
+    ras_affine = np.array([[0.9, 0, 0, -20], [0, 0.8, 0, 10], [0, 0, 3.0, 40], [0, 0, 0, 1.0]])
+    mask = _asymmetric_mask(Y, X)  # in the LPS slice frame: row 0 anterior, column 0 patient right
+    k = 2
+    # hand-computed: slice pixel [y, x] is RAS voxel (X-1-x, Y-1-y, k)
+    ys, xs = np.nonzero(mask)
+    want_mm = (ras_affine @ np.stack([X - 1 - xs, Y - 1 - ys, np.full_like(xs, k), np.ones_like(xs)]))[:3]
+    want_mm = want_mm[:, np.lexsort(want_mm)]
+    for key, path in _same_voxels_stored(tmp_path, ras, ras_affine).items():
+        series = read_nifti(path)
+        np.testing.assert_array_equal(series.slice_hu(k), ras[::-1, ::-1, k].T, err_msg=key)
+        out = tmp_path / f"labels_{key}.nii.gz"
+        write_nifti_labels(out, series, [ObjectMask(k, "liver", mask)])
+        src, img = nib.load(str(path)), nib.load(str(out))
+        data = np.asarray(img.dataobj)
+        assert data.shape == src.shape, key  # the input's stored grid
+        np.testing.assert_allclose(img.affine, src.affine, atol=1e-6, err_msg=key)
+        vox = np.nonzero(data == 1)
+        got_mm = (img.affine @ np.stack([*vox, np.ones_like(vox[0])]))[:3]
+        np.testing.assert_allclose(got_mm[:, np.lexsort(got_mm)], want_mm, atol=1e-5, err_msg=key)
+        under = np.sort(np.asarray(src.dataobj)[data == 1])
+        np.testing.assert_array_equal(under, np.sort(series.slice_hu(k)[mask]), err_msg=key)
+        # the whole-volume writer round-trips a NIfTI input onto its own grid too
+        write_series_nifti(tmp_path / f"copy_{key}.nii.gz", series)
+        copy = nib.load(str(tmp_path / f"copy_{key}.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(copy.dataobj), np.asarray(src.dataobj), err_msg=key)
+        np.testing.assert_allclose(copy.affine, src.affine, atol=1e-6, err_msg=key)
 
 
 def _lps_to_ras(p: np.ndarray) -> np.ndarray:

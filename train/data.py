@@ -1,7 +1,8 @@
 """Training data: NIfTI cases, per-slice object samples and patient-level splits.
 
 Orientation: every volume is reoriented to **LPS** (``nib.as_closest_canonical`` gives RAS, then
-axes 0 and 1 are flipped), so slice ``k`` = ``data[:, :, k].T`` has rows (y) running anterior ->
+axes 0 and 1 are flipped; the runtime's :func:`cmdeploy.io.nifti.lps_orientation` is the one
+implementation), so slice ``k`` = ``data[:, :, k].T`` has rows (y) running anterior ->
 posterior and columns (x) running patient right -> left, as a DICOM axial image is displayed.
 A loaded :class:`Volume` stores the slices as ``(Z, H, W)`` float32 HU (``image[k]`` is slice k)
 and the in-plane spacing as ``(x, y)`` = (column, row) millimetres.
@@ -100,39 +101,34 @@ class Sample:
 # loading
 
 
-def _to_lps(img):  # nibabel image -> LPS-oriented image
-    import nibabel as nib
-
-    ras = nib.as_closest_canonical(img)
-    ornt = np.array([[0, -1], [1, -1], [2, 1]])
-    return ras.as_reoriented(ornt)
-
-
 def load_volume(case: Case) -> Volume:
-    """Load ``case`` as a :class:`Volume` (LPS, slices ``(Z, H, W)``); raises ``InputError``."""
-    import nibabel as nib
+    """Load ``case`` as a :class:`Volume` (LPS, slices ``(Z, H, W)``); raises ``InputError``.
+
+    The reorientation is the runtime's (:func:`cmdeploy.io.nifti.read_lps_volume`), so training
+    slices are exactly the slices ``cmdeploy infer`` reads from the same file.
+    """
+    from cmdeploy.io.nifti import read_lps_volume
 
     try:
-        img = _to_lps(nib.load(str(case.image_path)))
-        lab = _to_lps(nib.load(str(case.label_path)))
-    except Exception as exc:  # nibabel raises several types
+        image, spacing, img = read_lps_volume(case.image_path)
+        labels, _, lab = read_lps_volume(case.label_path)
+    except InputError as exc:
         raise InputError(f"case {case.name!r}: cannot read NIfTI pair: {exc}") from exc
-    if img.shape[:3] != lab.shape[:3] or len(img.shape) != 3 or len(lab.shape) != 3:
+    if image.shape != labels.shape or len(img.shape) != 3 or len(lab.shape) != 3:
         raise InputError(
             f"case {case.name!r}: image shape {img.shape} and label shape {lab.shape} differ "
             "(need the same 3-D grid)"
         )
-    image = np.asarray(img.dataobj, dtype=np.float32)
-    labels = np.asarray(lab.dataobj)
+    image = np.asarray(image, dtype=np.float32)
+    labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         labels = np.rint(labels)
     labels = labels.astype(np.int16 if labels.max() < 2**15 else np.int32)
-    zooms = img.header.get_zooms()
     return Volume(
         name=case.name,
         image=np.ascontiguousarray(image.transpose(2, 1, 0)),
         labels=np.ascontiguousarray(labels.transpose(2, 1, 0)),
-        spacing_xy=(float(zooms[0]), float(zooms[1])),
+        spacing_xy=spacing if spacing is not None else (1.0, 1.0),
         label_names=dict(case.label_names),
     )
 

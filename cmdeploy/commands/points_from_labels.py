@@ -9,7 +9,7 @@ import typer
 
 def points_from_labels(
     labels: Path = typer.Argument(
-        ..., metavar="LABELS", help="Label volume: .nii/.nii.gz (slice k = data[:, :, k].T) or .npy."
+        ..., metavar="LABELS", help="Label volume: .nii/.nii.gz (LPS frame, as infer reads it) or .npy."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Points CSV to write."),
     names: Path | None = typer.Option(

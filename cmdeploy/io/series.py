@@ -13,8 +13,13 @@ Per source kind:
   ``ImagePositionPatient . (row_cosines x column_cosines)`` from ImageOrientationPatient, ascending
   (for the usual axial orientation ``[1,0,0, 0,1,0]`` that is feet -> head, slice 0 most inferior).
 * ``"dicom-file"``: one file, one slice (``slice_index`` 0), converted the same way.
-* ``"nifti"``: slice ``k`` is ``img.dataobj[:, :, k].T``: rows (y) = NIfTI axis 1 (j), columns (x) =
-  NIfTI axis 0 (i). ``spacing_xy_mm`` is ``(zooms[0], zooms[1])``.
+* ``"nifti"``: the volume is read as reoriented to **LPS** (the training loader's frame, defined
+  once in :func:`cmdeploy.io.nifti.lps_orientation`): slice ``k`` is ``data_lps[:, :, k].T``, rows
+  (y) running anterior -> posterior, columns (x) patient right -> left, slice 0 most inferior, the
+  same picture as a DICOM axial slice, whatever the file's storage order (RAS, LPS, permuted axes).
+  ``spacing_xy_mm`` is the voxel size along the LPS x and y axes. ``affine`` and
+  ``volume_shape`` stay those of the original file; writers map back with
+  :func:`cmdeploy.io.nifti.series_orientation`.
 * ``"png"``: one 16-bit greyscale slice whose stored values are ``HU + 1024`` (so 0 = -1024 HU);
   8-bit and colour PNGs are refused. No spacing.
 * ``"npy"``: float or integer HU, shape ``(H, W)`` (one slice) or ``(N, H, W)`` (slice k =
@@ -56,8 +61,9 @@ class Series:
         positions_mm: DICOM: (N, 3) ImagePositionPatient of each slice, in slice order.
         orientation: DICOM: (6,) ImageOrientationPatient shared by all slices.
         series_uid: DICOM: SeriesInstanceUID (for writers; never put it in a message or log).
-        affine: NIfTI: the (4, 4) voxel -> RAS+ mm affine of the image.
-        volume_shape: NIfTI: the data shape ``(X, Y, Z)`` (i, j, k).
+        affine: NIfTI: the (4, 4) voxel -> RAS+ mm affine of the original file (stored grid).
+        volume_shape: NIfTI: the stored data shape ``(X, Y, Z)`` (i, j, k) of the file, not the
+            LPS grid of the slices (``shape`` is that one's ``(Y, X)``).
     """
 
     kind: SourceKind

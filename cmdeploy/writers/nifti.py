@@ -1,15 +1,18 @@
 """NIfTI output: a label volume aligned voxel for voxel with the input, and a CT volume from DICOM.
 
-Layout (the inverse of :mod:`cmdeploy.io.nifti`'s reader): the data array is ``(X, Y, Z)`` =
-``(W, H, N)`` and slice ``k`` of the Series is ``data[:, :, k].T``; so mask pixel ``[y, x]`` of slice
-``k`` is voxel ``(i, j, k) = (x, y, k)``. Voxel values are the label values of
-:func:`cmdeploy.writers.label_values` (0 = background; uint8, uint16 beyond 255 labels); where two
-objects of one slice overlap, the later object wins.
+Layout: masks are first stacked in slice layout, an ``(X, Y, Z) = (W, H, N)`` array with
+``vol[:, :, k].T`` = slice ``k`` (:func:`label_volume`), so mask pixel ``[y, x]`` of slice ``k`` is
+``vol[x, y, k]``. :func:`output_grid` then puts that array on the grid the file is written on.
+Voxel values are the label values of :func:`cmdeploy.writers.label_values` (0 = background; uint8,
+uint16 beyond 255 labels); where two objects of one slice overlap, the later object wins.
 
 Geometry by input kind:
 
-* ``nifti``: the input's affine, with the input header's qform/sform codes when the file can still
-  be read (else both set to the affine with code 1, scanner).
+* ``nifti``: the reader shows LPS-reoriented slices (:mod:`cmdeploy.io.nifti`), so the slice-layout
+  array is mapped back with the exact inverse (:meth:`~cmdeploy.io.nifti.LpsOrientation.to_stored`)
+  onto the input's **own** voxel grid and written with the input's own affine and qform/sform codes
+  (when the file can still be read; else code 1, scanner): the labels overlay the input voxel for
+  voxel in any viewer, whatever its storage order.
 * ``dicom-series`` / ``dicom-file``: :func:`dicom_affine` from ImagePositionPatient (IPP),
   ImageOrientationPatient (IOP), PixelSpacing and the slice positions. DICOM patient coordinates
   are LPS (x to the patient's Left, y to Posterior, z to Superior); NIfTI's are RAS, so the LPS
@@ -116,7 +119,11 @@ def _dicom_slice_spacing(series: Series) -> float | None:
 
 
 def series_geometry(series: Series) -> tuple[np.ndarray, int, int]:
-    """(affine (4, 4) RAS, qform code, sform code) for a Series (see the module docstring)."""
+    """(affine (4, 4) RAS, qform code, sform code) for a Series (see the module docstring).
+
+    The affine applies to the array :func:`output_grid` returns (for NIfTI: the input's original
+    affine and stored grid).
+    """
     if series.kind == "nifti":
         if series.affine is None:
             raise ValueError(f"NIfTI series '{series.path}' has no affine")
@@ -154,13 +161,30 @@ def slices_to_volume(slices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 1, 0))
 
 
+def output_grid(series: Series, slice_volume: np.ndarray) -> np.ndarray:
+    """Map a slice-layout ``(W, H, N)`` array (``vol[:, :, k].T`` = slice k) onto the output grid.
+
+    NIfTI input: the input's stored ``(X, Y, Z)`` grid (inverse of the reader's LPS reorientation).
+    Other kinds: unchanged (their affine from :func:`series_geometry` is written for this layout).
+    """
+    vol = np.asarray(slice_volume)
+    expected = (series.width, series.height, series.num_slices)
+    if vol.shape[:3] != expected:
+        raise ValueError(f"volume {vol.shape} does not match the series' slice layout {expected}")
+    if series.kind != "nifti":
+        return vol
+    from cmdeploy.io.nifti import series_orientation
+
+    return np.ascontiguousarray(series_orientation(series).to_stored(vol))
+
+
 def label_volume(
     objects: Sequence[SegmentedObject],
     num_slices: int,
     shape: tuple[int, int],
     values: Mapping[str, int] | None = None,
 ) -> np.ndarray:
-    """(X, Y, Z) = (W, H, N) label volume in NIfTI layout (``vol[:, :, k].T`` is slice ``k``)."""
+    """(X, Y, Z) = (W, H, N) label volume in slice layout (``vol[:, :, k].T`` is slice ``k``)."""
     masks = check_objects(objects, num_slices, shape)
     values = dict(values) if values is not None else label_values(objects)
     h, w = shape
@@ -208,15 +232,14 @@ def write_nifti_labels(
 ) -> dict[str, int]:
     """Write the objects' label volume aligned to ``series``; returns the label -> value map used.
 
-    The volume has the input's grid ``(W, H, N)`` (a 2-D NIfTI input gives ``Z = 1``) and the
-    geometry of :func:`series_geometry`. NIfTI intent "label".
+    The volume is on :func:`output_grid` (NIfTI input: the input's own stored grid, a 2-D input
+    giving ``Z = 1``) with the geometry of :func:`series_geometry`. NIfTI intent "label".
     """
     values = dict(values) if values is not None else label_values(objects)
-    vol = label_volume(objects, series.num_slices, series.shape, values)
+    vol = output_grid(series, label_volume(objects, series.num_slices, series.shape, values))
     if series.kind == "nifti" and series.volume_shape is not None:
-        expected = tuple(series.volume_shape[:2]) + (series.num_slices,)
-        if vol.shape != expected:  # guards the axis convention against reader changes
-            raise ValueError(f"label volume {vol.shape} does not match the input grid {expected}")
+        if vol.shape != tuple(series.volume_shape):  # guards the axis convention against reader changes
+            raise ValueError(f"label volume {vol.shape} does not match the input grid {series.volume_shape}")
     affine, qcode, scode = series_geometry(series)
     write_nifti_volume(path, vol, affine, qform_code=qcode, sform_code=scode, intent=_NIFTI_INTENT_LABEL)
     return values
@@ -226,7 +249,7 @@ def write_series_nifti(path: str | Path, series: Series) -> Path:
     """Write the whole Series (e.g. a DICOM folder) as an int16 HU NIfTI with its geometry.
 
     HU are rounded and clipped to int16. Reads every slice once (one slice in memory at a time
-    besides the output volume).
+    besides the output volume). A NIfTI input is written back on its own grid (:func:`output_grid`).
     """
     h, w = series.shape
     vol = np.empty((w, h, series.num_slices), dtype=np.int16)
@@ -234,4 +257,4 @@ def write_series_nifti(path: str | Path, series: Series) -> Path:
     for k, sl in series.iter_slices():
         vol[:, :, k] = np.clip(np.rint(sl), info.min, info.max).astype(np.int16).T
     affine, qcode, scode = series_geometry(series)
-    return write_nifti_volume(path, vol, affine, qform_code=qcode, sform_code=scode)
+    return write_nifti_volume(path, output_grid(series, vol), affine, qform_code=qcode, sform_code=scode)
