@@ -1,0 +1,347 @@
+"""``cmdeploy evaluate``: Dice and HD95 of one or more models on reference label volumes.
+
+Exit status: 0 on success, 2 for a bad input (data, options, existing outputs), 3 when a model or
+the inference backend fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+OBJECTS_CSV = "objects.csv"
+SUMMARY_JSON = "summary.json"
+SCATTER_PNG = "plots/dice_vs_size.png"
+GRID_COLUMNS = 4
+MAX_GRID = 16
+
+
+def _split(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def evaluate(
+    model: list[Path] = typer.Option(
+        ..., "--model", "-m", help="Model .onnx or TensorRT .engine; repeat for a side-by-side table."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", "-d",
+        help="Root of case folders (<case>/image.nii.gz + labels.nii.gz, labels.json), one case "
+        "folder, or an image file (with --reference).",
+    ),
+    cases: str | None = typer.Option(None, "--cases", help="Comma-separated case names (default: all)."),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Comma-separated label names or ids to evaluate (default: all present)."
+    ),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Label volume of an image-file --data (same grid)."
+    ),
+    names: Path | None = typer.Option(
+        None, "--names", help="JSON id -> name map (default: labels.json next to the data)."
+    ),
+    jitter: float = typer.Option(
+        0.0, "--jitter", min=0.0, help="Click noise: uniform in [-PX, PX] pixels per coordinate."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the jitter."),
+    min_size: int = typer.Option(10, "--min-size", min=1, help="Skip objects smaller than this (pixels)."),
+    connectivity: int = typer.Option(4, "--connectivity", help="4 or 8-connected objects."),
+    by_size: bool = typer.Option(False, "--by-size", help="Add a breakdown by object area."),
+    size_edges: str | None = typer.Option(
+        None, "--size-edges",
+        help="Comma-separated area bin edges (mm^2, px without spacing); default 0,100,300,1000,3000,10000.",
+    ),
+    n_worst: int = typer.Option(12, "--worst", min=0, help="Worst objects to list and draw per model."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Folder for results.csv, results.md, objects.csv and plots."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    backend: str = typer.Option("auto", "--backend", help="auto, onnxruntime or tensorrt."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Objects per model call."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads."),
+    device: str = typer.Option("cpu", "--device", help="onnxruntime device: cpu or cuda."),
+) -> None:
+    """Segment every reference object from its extreme points and report Dice and HD95 per label."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from cmdeploy.errors import InputError, ModelError
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        _evaluate(
+            model, data, cases=_split(cases), labels=_split(labels), reference=reference, names=names,
+            jitter=jitter, seed=seed, min_size=min_size, connectivity=connectivity, by_size=by_size,
+            size_edges=size_edges, n_worst=n_worst, output=output, overwrite=overwrite, backend=backend,
+            batch_size=batch_size, threads=threads, device=device, err=err,
+        )
+    except InputError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    except (ModelError, RuntimeError, MemoryError, OSError) as exc:
+        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}")
+        raise typer.Exit(3) from None
+
+
+def parse_edges(text: str | None) -> tuple[float, ...]:
+    """``"0,100,300"`` -> (0.0, 100.0, 300.0); the default bins when empty."""
+    from cmdeploy.errors import InputError
+    from cmdeploy.evaluation import SIZE_EDGES
+
+    items = _split(text)
+    if not items:
+        return SIZE_EDGES
+    try:
+        edges = tuple(float(x) for x in items)
+    except ValueError:
+        raise InputError(f"--size-edges must be comma-separated numbers, got {text!r}") from None
+    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or edges[0] < 0:
+        raise InputError(f"--size-edges must be increasing and >= 0, got {text!r}")
+    return edges
+
+
+def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names, jitter, seed, min_size,
+              connectivity, by_size, size_edges, n_worst, output, overwrite, backend, batch_size, threads,
+              device, err) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cmdeploy.errors import InputError
+    from cmdeploy.evaluation import evaluate as run_evaluation
+    from cmdeploy.evaluation import find_cases, model_names
+    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.writers.atomic import OutputDir
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    edges = parse_edges(size_edges)
+    found = find_cases(data, cases=cases, reference=reference, names_file=names)
+    display = model_names(model)
+    out = None
+    if output is not None:
+        out = OutputDir(output, overwrite=overwrite)
+        plots = [SCATTER_PNG, *(f"plots/worst_{_safe(m)}.png" for m in display)] if n_worst else [SCATTER_PNG]
+        out.check([RESULTS_CSV, RESULTS_MD, OBJECTS_CSV, SUMMARY_JSON, *plots])
+    segs = [
+        Segmenter.load(p, backend=backend, threads=threads, batch_size=batch_size, device=device)
+        for p in model
+    ]
+    for name, s in zip(display, segs, strict=True):
+        err.print(f"model {name}: {s.model_path.name} ({s.backend}, input {s.spec.input_size} px, "
+                  f"guidance {s.spec.guidance})")
+    err.print(f"cases: {', '.join(c.name for c in found)}")
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_slice(case: str, done: int, total: int) -> None:
+            if case not in tasks:
+                tasks[case] = progress.add_task(f"evaluating {case}", total=total)
+            progress.update(tasks[case], completed=done)
+
+        ev = run_evaluation(
+            segs, found, names=display, labels=labels, jitter=jitter, seed=seed, min_size=min_size,
+            connectivity=connectivity, chunk=max(4 * batch_size, 16), progress=on_slice,
+        )
+    if not ev.objects:
+        raise InputError(f"no object of >= {min_size} px found in {', '.join(c.name for c in found)}"
+                         + (" for the selected labels" if labels else ""))
+    _print_tables(wide_console(), ev, by_size=by_size, edges=edges, n_worst=n_worst)
+    if out is not None:
+        with out:
+            _write_outputs(out, ev, segs, by_size=by_size, edges=edges, n_worst=n_worst, err=err)
+        err.print(f"wrote {len(out.written)} file(s) to {output}")
+
+
+def _print_tables(console, ev, *, by_size: bool, edges, n_worst: int) -> None:
+    from rich.table import Table
+
+    from cmdeploy.evaluation import comparison_table, size_table, summarize, worst_table
+
+    def show(title: str, header: list[str], rows: list[list[str]]) -> None:
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for r in rows:
+            table.add_row(*[c.replace("**", "") for c in r])
+        console.print(table)
+
+    show(f"Dice % and HD95 ({ev.distance_unit}) per label, mean ± std over objects", *comparison_table(ev))
+    if by_size:
+        show("by object size", *size_table(ev, edges))
+    for m in ev.runs:
+        if n_worst:
+            show(f"worst {min(n_worst, len(ev.objects))} objects: {m}", *worst_table(ev, m, n_worst))
+    for m in ev.runs:
+        s = summarize(ev, m)
+        console.print(
+            f"{m}: headline Dice (mean over {s.n_labels} labels) {s.dice_label_mean * 100:.2f} %; "
+            f"mean over {s.n_objects} objects {s.dice_object_mean * 100:.2f} %; "
+            f"{s.objects_per_s:.1f} objects/s"
+        )
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def _write_outputs(out, ev, segs, *, by_size: bool, edges, n_worst: int, err) -> None:
+    import json
+
+    from cmdeploy.evaluation import markdown_report, object_rows, results_rows, summarize
+
+    out.write_text(RESULTS_CSV, _csv_text(results_rows(ev, by_size=by_size, edges=edges)))
+    out.write_text(OBJECTS_CSV, _csv_text(list(object_rows(ev))))
+    out.write_text(RESULTS_MD, markdown_report(ev, by_size=by_size, edges=edges, n_worst=n_worst))
+    summary = {
+        "headline": "dice_label_mean (mean over labels of the per-label mean Dice)",
+        "distance_unit": ev.distance_unit,
+        "settings": ev.settings,
+        "cases": [c.name for c in ev.cases],
+        "models": {
+            m: {**summarize(ev, m).to_dict(), "file": r.path.name, "backend": r.backend}
+            for m, r in ev.runs.items()
+        },
+    }
+    out.write_text(SUMMARY_JSON, json.dumps(summary, indent=2, default=_json_default) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        err.print("note: matplotlib is not installed; plots skipped (pip install 'cmdeploy[dev]')")
+        return
+    out.write_bytes(SCATTER_PNG, scatter_png(ev))
+    if n_worst:
+        for (m, _), seg in zip(ev.runs.items(), segs, strict=True):
+            out.write_bytes(f"plots/worst_{_safe(m)}.png", worst_grid_png(ev, m, seg, min(n_worst, MAX_GRID)))
+
+
+def wide_console():
+    """A stdout console; 160 columns when not a terminal (pipes, logs) so tables do not wrap."""
+    from rich.console import Console
+
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else max(probe.width, 160))
+
+
+def _json_default(o: Any) -> Any:
+    import math
+
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _figure_png(fig) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def scatter_png(ev) -> bytes:
+    """Dice vs reference object area (log x), one panel per model, coloured by label."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    models = list(ev.runs)
+    fig = Figure(figsize=(5.5 * len(models), 4.2))
+    areas = np.maximum(ev.areas(), 1e-3)
+    labels = np.array([o.label for o in ev.objects], dtype=object)
+    for j, m in enumerate(models):
+        ax = fig.add_subplot(1, len(models), j + 1)
+        d = ev.runs[m].dice()
+        for lab in ev.labels():
+            sel = labels == lab
+            ax.scatter(areas[sel], d[sel], s=9, alpha=0.6, label=f"{lab} ({int(sel.sum())})")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(f"reference object area ({'mm²' if ev.area_unit == 'mm2' else 'px'})")
+        ax.set_ylabel("Dice")
+        ax.set_title(m)
+        ax.grid(True, alpha=0.3)
+        if len(ev.labels()) <= 12:
+            ax.legend(fontsize=7, loc="lower right")
+    return _figure_png(fig)
+
+
+def _tile(image, ref, pred, points, bbox) -> Any:
+    """RGB crop around one object: reference green, prediction red, extreme points."""
+    import numpy as np
+
+    try:
+        from cmdeploy.writers import ObjectMask
+        from cmdeploy.writers.png_overlay import render_overlay
+
+        objs = [ObjectMask(0, "reference", ref, points), ObjectMask(0, "prediction", pred)]
+        rgb = render_overlay(image, objs, values={"prediction": 1, "reference": 2}, draw_labels=False)
+    except ImportError:  # minimal fallback: tint only
+        g = np.clip((image + 200.0) / 450.0, 0, 1) * 255
+        rgb = np.repeat(g[:, :, None], 3, axis=2)
+        rgb[ref] = rgb[ref] * 0.6 + np.array([60, 180, 75]) * 0.4
+        rgb[pred] = rgb[pred] * 0.6 + np.array([230, 25, 75]) * 0.4
+        rgb = rgb.astype(np.uint8)
+    h, w = ref.shape
+    y0, y1, x0, x1 = bbox
+    if pred.any():
+        ys, xs = np.nonzero(pred)
+        y0, y1, x0, x1 = min(y0, ys.min()), max(y1, ys.max()), min(x0, xs.min()), max(x1, xs.max())
+    side = max(y1 - y0, x1 - x0) + 1
+    margin = max(int(0.4 * side), 12)
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    half = side // 2 + margin
+    return rgb[max(cy - half, 0) : min(cy + half + 1, h), max(cx - half, 0) : min(cx + half + 1, w)]
+
+
+def worst_grid_png(ev, model: str, seg, n: int) -> bytes:
+    """A grid of the ``n`` lowest-Dice objects of ``model`` (reference green, prediction red)."""
+    import math
+
+    from matplotlib.figure import Figure
+
+    from cmdeploy.evaluation import reconstruct, worst
+
+    idx = worst(ev, model, n)
+    cols = min(GRID_COLUMNS, max(len(idx), 1))
+    rows = max(math.ceil(len(idx) / cols), 1)
+    fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
+    unit = ev.distance_unit
+    for j, i in enumerate(idx):
+        o, s = ev.objects[i], ev.runs[model].scores[i]
+        image, ref, pred = reconstruct(ev, i, seg)
+        ax = fig.add_subplot(rows, cols, j + 1)
+        ax.imshow(_tile(image, ref, pred, o.points, o.bbox), interpolation="nearest")
+        hd = f"{s.hd95_mm:.1f}" if math.isfinite(s.hd95_mm) else "inf"
+        ax.set_title(f"{o.case} s{o.slice_index} {o.label}\nDice {s.dice * 100:.1f}%  HD95 {hd} {unit}",
+                     fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"worst objects: {model} (green = reference, red = prediction)", fontsize=10)
+    return _figure_png(fig)
