@@ -1,1 +1,1 @@
-"""placeholder"""
+"""cmdeploy.export: checkpoint -> ONNX (plain, fused preprocessing, FP16), TensorRT engines, Triton repos, parity and verify."""
