@@ -250,7 +250,7 @@ class Segmenter:
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not path.is_file():
-            raise ModelError(f"model file {path} not found")
+            raise InputError(f"model file {path} not found")
         if backend == "auto":
             backend = "tensorrt" if path.suffix.lower() in ENGINE_SUFFIXES else "onnxruntime"
         if backend == "tensorrt":

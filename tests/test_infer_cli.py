@@ -140,7 +140,7 @@ def test_model_failures_exit_3(tmp_path: Path, ct_small_csv: Path, plain_model_p
 
     out = tmp_path / "out"
     res = _invoke("-i", CT_SMALL, "-p", ct_small_csv, "-o", out, "-m", tmp_path / "missing.onnx")
-    assert res.exit_code == 3 and "not found" in res.output
+    assert res.exit_code == 2 and "not found" in res.output  # a wrong --model path is bad input
     nospec = tmp_path / "nospec.onnx"
     model = onnx.load(str(plain_model_path))
     del model.metadata_props[:]

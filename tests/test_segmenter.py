@@ -233,7 +233,7 @@ def test_load_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cmdeploy.models, "DEFAULT_MODEL_NAME", "no-such-model.onnx")
     with pytest.raises(ModelError, match="no embedded default model"):
         Segmenter.load()
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(InputError, match="not found"):  # a wrong path is the user's input
         Segmenter.load(tmp_path / "missing.onnx")
     # a model without the cmdeploy spec in its metadata
     path = build_random_plain_model(tmp_path / "nospec.onnx")

@@ -240,6 +240,8 @@ class TensorRTRunner:
             )
         self._dtypes = {n: _numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self.max_batch = self.sidecar.batch_range[2]
+        # {"min", "opt", "max"} profile per input, as Segmenter checks against the spec
+        self.input_shapes = dict(self.sidecar.input_shapes)
         self._stream = cuda.Stream()
         self._buffers = {n: cuda.DeviceArray(shape=(0,), dtype=self._dtypes[n]) for n in names}
 
