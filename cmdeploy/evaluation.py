@@ -12,8 +12,10 @@ Data layout (the ``ct-organs`` layout):
 (same slice convention, so slice ``k`` of both are the same pixels, ``[y, x]``).
 
 Objects: on every slice, each selected label id is split into connected components
-(:func:`~cmdeploy.labels_to_points.connected_components`, 4-connectivity by default); components
-under ``min_size`` pixels and single pixels are dropped, as ``points-from-labels`` does. Each kept
+(:func:`~cmdeploy.labels_to_points.connected_components`; by default 8-connectivity, i.e. edges
+and corners); components under ``min_size`` pixels (default 25) and single pixels are dropped. This
+is the one definition of an object shared with ``points-from-labels`` and training
+(``DEFAULT_MIN_SIZE``/``DEFAULT_CONNECTIVITY`` in :mod:`cmdeploy.labels_to_points`). Each kept
 component is one object: its reference mask is the component, its four extreme points come from
 :func:`cmdeploy.guidance.extreme_points` on that mask (with ``jitter`` > 0: uniform click noise of
 up to ``jitter`` pixels per coordinate, from a generator seeded by ``(seed, case, slice, label id,
@@ -45,6 +47,7 @@ import numpy as np
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.labels_to_points import (
+    DEFAULT_CONNECTIVITY,
     DEFAULT_MIN_SIZE,
     connected_components,
     load_label_names,
@@ -231,7 +234,7 @@ def slice_objects(
     names: Mapping[int, str] | None = None,
     label_ids: set[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
-    connectivity: int = 4,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     jitter: float = 0.0,
     seed: int = 0,
     spacing: tuple[float, float] | None = None,
@@ -381,7 +384,7 @@ def evaluate(
     jitter: float = 0.0,
     seed: int = 0,
     min_size: int = DEFAULT_MIN_SIZE,
-    connectivity: int = 4,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     chunk: int = 64,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Evaluation:
@@ -394,7 +397,7 @@ def evaluate(
         labels: label names or ids to evaluate (default: every label present).
         jitter: click noise in pixels (uniform in [-jitter, jitter] per coordinate), 0 = exact.
         seed: seed of the jitter.
-        min_size: smallest component kept, pixels; connectivity: 4 or 8.
+        min_size: smallest component kept, pixels (default 25); connectivity: 4 or 8 (default 8).
         chunk: objects per :meth:`Segmenter.predict_batch` call (each model batches inside it).
         progress: ``progress(case_name, slices_done, num_slices)`` after every slice.
     """
@@ -465,7 +468,7 @@ def reconstruct(
     found = slice_objects(
         oc.labels.slice(obj.slice_index), names=None, label_ids={obj.label_id},
         min_size=int(ev.settings.get("min_size_px", DEFAULT_MIN_SIZE)),
-        connectivity=int(ev.settings.get("connectivity", 4)),
+        connectivity=int(ev.settings.get("connectivity", DEFAULT_CONNECTIVITY)),
     )
     ref = next(m for o, m in found if o.piece == obj.piece)
     image = oc.series.slice_hu(obj.slice_index)

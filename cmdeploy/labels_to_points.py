@@ -6,9 +6,11 @@ columns patient right -> left), so a CSV made from a label NIfTI matches the ima
 ``infer`` whatever either file's storage order; a ``.npy`` is ``(H, W)`` or ``(N, H, W)`` with
 slice ``k`` = ``arr[k]``. Values are integer label ids, 0 = background.
 
-On every slice, each label id is split into connected components (4-connectivity by default:
-pixels touching by an edge; 8 adds diagonal neighbours), components smaller than ``min_size``
-pixels are dropped, and so are components whose four extreme points coincide (one pixel). The
+On every slice, each label id is split into connected components (8-connectivity by default:
+pixels touching by an edge or a corner; 4 uses edges only), components smaller than ``min_size``
+pixels (default 25) are dropped, and so are components whose four extreme points coincide (one
+pixel). ``DEFAULT_MIN_SIZE``/``DEFAULT_CONNECTIVITY`` are the one definition of an object shared by
+training, evaluation and ``points-from-labels``. The
 extreme points come from :func:`cmdeploy.guidance.extreme_points`. Names come from an optional
 id -> name map (default: the id as text). The largest component of a label on a slice is named
 ``name``, the others ``name#2``, ``name#3``, ... in decreasing size, because the points CSV allows
@@ -32,7 +34,8 @@ from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.points_csv import PointsRow
 
-DEFAULT_MIN_SIZE = 10
+DEFAULT_MIN_SIZE = 25  # pixels; one definition of "an object" for training, evaluation and CSVs
+DEFAULT_CONNECTIVITY = 8
 
 
 def _edges(labels: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +98,7 @@ def points_from_label_slice(
     names: Mapping[int, str] | None = None,
     label_ids: Collection[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
-    connectivity: int = 4,
+    connectivity: int = DEFAULT_CONNECTIVITY,
 ) -> list[PointsRow]:
     """Rows for every kept component of one (H, W) label slice, ordered by label id then size."""
     lab = np.asarray(labels)
@@ -143,7 +146,7 @@ def points_from_label_volume(
     names: Mapping[int, str] | None = None,
     label_ids: Collection[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
-    connectivity: int = 4,
+    connectivity: int = DEFAULT_CONNECTIVITY,
     on_slice: Callable[[int], None] | None = None,
 ) -> list[PointsRow]:
     """Rows for every kept component on every slice.

@@ -34,16 +34,18 @@ PX_MM2 = ZOOMS[0] * ZOOMS[1]
 
 
 def _label_slices() -> np.ndarray:
-    """(Z, H, W) labels: 1 = disc on every slice (+ a 16 px second piece on slice 0 and a 3 px
-    speck on slice 2), 2 = box on slices 0-1 (+ a 16 px second piece on slice 1)."""
+    """(Z, H, W) labels: 1 = disc on every slice (+ a 25 px second piece on slice 0 and a 24 px
+    strip on slice 2), 2 = box on slices 0-1 (+ a 25 px second piece on slice 1).
+
+    25 px is exactly the default min size (kept), 24 px just below it (dropped)."""
     yy, xx = np.mgrid[0:H, 0:W]
     lab = np.zeros((Z, H, W), np.uint8)
     disc = (xx - 14) ** 2 + (yy - 20) ** 2 <= 36
     lab[:, disc] = 1
-    lab[0, 33:37, 4:8] = 1  # disc piece 2 (16 px)
-    lab[2, 2, 2:5] = 1  # 3 px: below min_size
+    lab[0, 33:38, 4:9] = 1  # disc piece 2 (25 px)
+    lab[2, 1:4, 30:38] = 1  # 24 px: below min_size
     lab[0:2, 5:15, 30:42] = 2  # box, 120 px
-    lab[1, 28:32, 34:38] = 2  # box piece 2 (16 px)
+    lab[1, 28:33, 34:39] = 2  # box piece 2 (25 px)
     return lab
 
 
@@ -120,8 +122,8 @@ def test_oracle_scores_perfectly(data_root: Path):
     assert ev.labels() == ["disc", "box"]
     assert ev.distance_unit == "mm"
     got = [(o.slice_index, o.label, o.piece, o.area_px) for o in ev.objects]
-    assert got == [(0, "disc", 1, 113), (0, "disc", 2, 16), (0, "box", 1, 120), (1, "disc", 1, 113),
-                   (1, "box", 1, 120), (1, "box", 2, 16), (2, "disc", 1, 113)]
+    assert got == [(0, "disc", 1, 113), (0, "disc", 2, 25), (0, "box", 1, 120), (1, "disc", 1, 113),
+                   (1, "box", 1, 120), (1, "box", 2, 25), (2, "disc", 1, 113)]
     assert ev.objects[2].area_mm2 == pytest.approx(120 * PX_MM2)
     # box extreme points: left column 30, right 41, top row 5, bottom row 14 (ties -> median)
     np.testing.assert_allclose(ev.objects[2].points[:, 0][[0, 1]], [30, 41])
@@ -131,6 +133,10 @@ def test_oracle_scores_perfectly(data_root: Path):
         assert (s.dice_mean, s.hd95_mean, s.n_empty) == (1.0, 0.0, 0)
     sm = summarize(ev, "oracle")
     assert (sm.dice_label_mean, sm.dice_object_mean, sm.n_objects, sm.n_labels) == (1.0, 1.0, 7, 2)
+    assert (ev.settings["min_size_px"], ev.settings["connectivity"]) == (25, 8)
+    low = evaluate([seg], find_cases(data_root), min_size=24, labels=["disc"])  # the 24 px strip now counts
+    got = [(o.slice_index, o.piece, o.area_px) for o in low.objects]
+    assert got == [(0, 1, 113), (0, 2, 25), (1, 1, 113), (2, 1, 113), (2, 2, 24)]
 
 
 def test_aggregates_with_failed_label(data_root: Path):
@@ -144,7 +150,7 @@ def test_aggregates_with_failed_label(data_root: Path):
     assert sm.dice_object_mean == pytest.approx(4 / 7)
     assert sm.hd95_label_mean == 0.0 and sm.n_empty == 3
     assert {ev.objects[i].label for i in worst(ev, "nobox", 3)} == {"box"}
-    bins = size_stats(ev, "nobox")  # 16 px = 15.4 mm2 -> "<100"; 113-120 px = 108-115 mm2 -> "100-300"
+    bins = size_stats(ev, "nobox")  # 25 px = 24 mm2 -> "<100"; 113-120 px = 108-115 mm2 -> "100-300"
     assert [(b.name, b.n) for b in bins if b.n] == [("<100 mm2", 2), ("100-300 mm2", 5)]
     assert summarize(ev, "ok").dice_label_mean == 1.0
 
@@ -172,7 +178,7 @@ def test_reconstruct_matches_scored_object(data_root: Path):
     ev = evaluate([seg], find_cases(data_root))
     i = next(k for k, o in enumerate(ev.objects) if o.label == "box" and o.piece == 2)
     image, ref, pred = reconstruct(ev, i, seg)
-    assert image.shape == (H, W) and int(ref.sum()) == 16 and ref[28:32, 34:38].all()
+    assert image.shape == (H, W) and int(ref.sum()) == 25 and ref[28:33, 34:39].all()
     np.testing.assert_array_equal(pred, ref)
 
 

@@ -78,30 +78,38 @@ def test_components_long_snake_and_diagonals() -> None:
 
 def test_slice_points_naming_and_filters() -> None:
     lab = np.zeros((40, 50), np.int64)
-    lab[5:20, 3:15] = 5  # big piece of label 5
-    lab[30:34, 40:45] = 5  # small piece of label 5 (20 px)
-    lab[25:28, 10:13] = 7  # 9 px: below the default min size
+    lab[5:20, 3:15] = 5  # big piece of label 5 (180 px)
+    lab[30:34, 40:47] = 5  # small piece of label 5 (28 px)
+    lab[25:29, 8:14] = 7  # 24 px: just below the default min size (25)
     lab[0, 49] = 9  # one pixel
-    lab[20:30, 20:22] = 7  # 20 px, touches nothing of its label
+    lab[20:30, 20:23] = 7  # 30 px, touches nothing of its label
+    lab[30:35, 24:29] = 8  # two 25 px squares of label 8 touching only at a corner:
+    lab[35:40, 29:34] = 8  # one object with the default 8-connectivity, two with 4
     rows = points_from_label_slice(lab, slice_index=4, names={5: "liver"})
-    assert [(r.slice_index, r.label) for r in rows] == [(4, "liver"), (4, "liver#2"), (4, "7")]
+    assert [(r.slice_index, r.label) for r in rows] == [(4, "liver"), (4, "liver#2"), (4, "7"), (4, "8")]
     np.testing.assert_array_equal(rows[0].points, [[3, 12], [14, 12], [8, 5], [8, 19]])
     small = np.zeros_like(lab, bool)
-    small[30:34, 40:45] = True
+    small[30:34, 40:47] = True
     np.testing.assert_array_equal(rows[1].points, extreme_points(small))
     for r in rows:  # every extreme point lies on its object
         xs, ys = r.points[:, 0].astype(int), r.points[:, 1].astype(int)
         assert np.all(lab[ys, xs] != 0)
+    diag = lab == 8
+    np.testing.assert_array_equal(rows[3].points, extreme_points(diag))
+    assert rows[3].points[:, 0].min() == 24 and rows[3].points[:, 0].max() == 33  # spans both squares
     labels = [r.label for r in points_from_label_slice(lab, min_size=1)]
     assert "9" not in labels and labels.count("7") == 1 and "7#2" in labels  # pixel dropped
-    only7 = points_from_label_slice(lab, label_ids={7}, min_size=9)
+    only7 = points_from_label_slice(lab, label_ids={7}, min_size=24)
     assert [r.label for r in only7] == ["7", "7#2"]
+    only8 = points_from_label_slice(lab, label_ids={8}, connectivity=4)
+    assert [r.label for r in only8] == ["8", "8#2"]  # equal sizes: raster order of first pixel
+    assert only8[0].points[:, 0].max() == 28 and only8[1].points[:, 0].min() == 29
 
 
 def test_volume_array_and_on_slice() -> None:
     vol = np.zeros((3, 12, 12), np.uint8)
-    vol[0, 2:8, 2:6] = 1
-    vol[2, 1:5, 1:10] = 2
+    vol[0, 2:8, 2:7] = 1  # 30 px
+    vol[2, 1:5, 1:10] = 2  # 36 px
     seen: list[int] = []
     rows = points_from_label_volume(vol, on_slice=seen.append)
     assert [(r.slice_index, r.label) for r in rows] == [(0, "1"), (2, "2")]
@@ -117,7 +125,7 @@ def test_nifti_label_volume_uses_ct_convention(tmp_path) -> None:
     ras_aff = np.diag([1.0, 1.0, 2.0, 1.0])
     lps_aff = ras_aff @ np.array([[-1, 0, 0, 11], [0, -1, 0, 8], [0, 0, 1, 0], [0, 0, 0, 1.0]])
     data = np.zeros((12, 9, 2), np.uint8)  # (X, Y, Z) in RAS: i -> patient right, j -> anterior
-    data[2:6, 1:4, 1] = 3  # i in 2..5, j in 1..3 on slice 1
+    data[2:9, 1:6, 1] = 3  # i in 2..8, j in 1..5 on slice 1 (35 px, 34 after the next line)
     data[2, 1, 1] = 0  # asymmetric: the (left-most, posterior-most) corner is missing
     nib.save(nib.Nifti1Image(data, ras_aff), tmp_path / "lab.nii.gz")
     ct = data[::-1, ::-1, :].astype(np.int16)
@@ -132,8 +140,8 @@ def test_nifti_label_volume_uses_ct_convention(tmp_path) -> None:
     (row,) = points_from_label_volume(vol.iter_slices())
     assert row.slice_index == 1
     np.testing.assert_array_equal(row.points, extreme_points(expected == 3))
-    assert row.points[:, 0].min() == 6 and row.points[:, 0].max() == 9  # x = 11 - i for i 5..2
-    assert row.points[:, 1].min() == 5 and row.points[:, 1].max() == 7  # y = 8 - j for j 3..1
+    assert row.points[:, 0].min() == 3 and row.points[:, 0].max() == 9  # x = 11 - i for i 8..2
+    assert row.points[:, 1].min() == 3 and row.points[:, 1].max() == 7  # y = 8 - j for j 5..1
 
 
 def test_label_volume_refusals(tmp_path) -> None:
@@ -172,9 +180,9 @@ def _cli() -> typer.Typer:
 
 def test_cli_writes_valid_csv_and_exits_2_on_bad_input(tmp_path) -> None:
     vol = np.zeros((2, 16, 16), np.uint8)
-    vol[0, 2:9, 3:12] = 5
-    vol[1, 10:14, 1:6] = 5
-    vol[1, 1:5, 10:15] = 5
+    vol[0, 2:9, 3:12] = 5  # 63 px
+    vol[1, 9:14, 1:6] = 5  # 25 px: exactly the default --min-size, kept
+    vol[1, 1:6, 10:16] = 5  # 30 px: the larger piece on slice 1
     np.save(tmp_path / "lab.npy", vol)
     (tmp_path / "names.json").write_text('{"5": "liver"}')
     out = tmp_path / "pts.csv"
@@ -186,6 +194,12 @@ def test_cli_writes_valid_csv_and_exits_2_on_bad_input(tmp_path) -> None:
     rows = read_points_csv(out, open_series(tmp_path / "ct.npy"))
     assert [(r.slice_index, r.label) for r in rows] == [(0, "liver"), (1, "liver"),
                                                         (1, "liver#2")]
+    assert rows[1].points[:, 0].min() == 10 and rows[2].points[:, 0].max() == 5  # 30 px, then 25 px
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--min-size", "26",
+                                 "--connectivity", "4"])
+    assert res.exit_code == 0, res.output
+    assert [(r.slice_index, r.label) for r in read_points_csv(out, open_series(tmp_path / "ct.npy"))] == [
+        (0, "5"), (1, "5")]  # the 25 px piece dropped; no names file: the id as text
     res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--labels", "liver"])
     assert res.exit_code == 2 and "unknown label" in res.output
     res = runner.invoke(_cli(), [str(tmp_path / "nope.nii"), "-o", str(out)])
@@ -216,3 +230,18 @@ def test_abdomen_labels_few_slices(tmp_path) -> None:
     write_points_csv(tmp_path / "p.csv", rows)
     back = read_points_csv(tmp_path / "p.csv", open_series(DATA / "abdomen_3mm" / "image.nii.gz"))
     assert len(back) == len(rows)
+
+
+def test_object_definition_is_shared_by_cli_training_and_library():
+    """One definition of "an object": same min size and connectivity everywhere."""
+    import inspect
+
+    from cmdeploy.commands.evaluate import evaluate as evaluate_cmd
+    from cmdeploy.commands.points_from_labels import points_from_labels as pfl_cmd
+    from cmdeploy.labels_to_points import DEFAULT_CONNECTIVITY, DEFAULT_MIN_SIZE
+
+    for cmd in (evaluate_cmd, pfl_cmd):
+        params = inspect.signature(cmd).parameters
+        assert params["min_size"].default.default == DEFAULT_MIN_SIZE
+        assert params["connectivity"].default.default == DEFAULT_CONNECTIVITY
+    assert DEFAULT_CONNECTIVITY == 8  # train/data.py labels with scipy's 8-connected structure

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from cmdeploy.errors import InputError
+from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE
 
 SEGTHOR_LABELS: dict[int, str] = {1: "esophagus", 2: "heart", 3: "trachea", 4: "aorta"}
 _NII = (".nii.gz", ".nii")
@@ -221,7 +222,7 @@ def _generic_cases(root: Path, names: dict[int, str]) -> list[Case]:
 
 def slice_samples(
     labels_2d: np.ndarray, *, volume: int, case: str, slice_index: int,
-    label_names: dict[int, str], min_pixels: int = 25,
+    label_names: dict[int, str], min_pixels: int = DEFAULT_MIN_SIZE,
 ) -> list[Sample]:
     """Samples of one (H, W) label slice: every 8-connected component with >= ``min_pixels``."""
     out: list[Sample] = []
@@ -248,7 +249,7 @@ def slice_samples(
     return out
 
 
-def build_samples(volumes: Sequence[Volume], *, min_pixels: int = 25) -> list[Sample]:
+def build_samples(volumes: Sequence[Volume], *, min_pixels: int = DEFAULT_MIN_SIZE) -> list[Sample]:
     """All samples of ``volumes`` (volume index = position in the sequence)."""
     out: list[Sample] = []
     for vi, vol in enumerate(volumes):

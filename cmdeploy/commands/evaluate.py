@@ -50,8 +50,10 @@ def evaluate(
         0.0, "--jitter", min=0.0, help="Click noise: uniform in [-PX, PX] pixels per coordinate."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the jitter."),
-    min_size: int = typer.Option(10, "--min-size", min=1, help="Skip objects smaller than this (pixels)."),
-    connectivity: int = typer.Option(4, "--connectivity", help="4 or 8-connected objects."),
+    min_size: int = typer.Option(
+        25, "--min-size", min=1, help="Skip objects smaller than this (pixels; as training)."
+    ),
+    connectivity: int = typer.Option(8, "--connectivity", help="4 or 8-connected objects (8 as training)."),
     by_size: bool = typer.Option(False, "--by-size", help="Add a breakdown by object area."),
     size_edges: str | None = typer.Option(
         None, "--size-edges",

@@ -16,13 +16,13 @@ def points_from_labels(
         None, "--names", help="JSON object mapping label id -> name (e.g. labels.json)."
     ),
     min_size: int = typer.Option(
-        10, "--min-size", min=1, help="Drop connected components smaller than this (pixels)."
+        25, "--min-size", min=1, help="Drop connected components smaller than this (pixels; as training)."
     ),
     only: str | None = typer.Option(
         None, "--labels", help="Comma-separated label names or ids to keep (default: all)."
     ),
     connectivity: int = typer.Option(
-        4, "--connectivity", help="4 (edge neighbours) or 8 (edges and corners)."
+        8, "--connectivity", help="4 (edge neighbours) or 8 (edges and corners; as training)."
     ),
 ) -> None:
     """Write the four extreme points of every connected object on every axial slice.
