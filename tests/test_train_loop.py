@@ -124,6 +124,23 @@ def test_run_writes_best_then_resume_continues(tmp_path: Path) -> None:
     assert not torch.equal(last.state_dict[key], ckpt.state_dict[key])
 
 
+def test_final_model_without_validation_records_recipe_metrics(tmp_path: Path) -> None:
+    recipe = run_training(tiny_cfg(tmp_path))  # validated run: train c0, c1; validate on c2
+    final = run_training(
+        replace(
+            tiny_cfg(tmp_path), out_dir=str(tmp_path / "final"), train_cases=(), val_cases=(),
+            validate=False, recipe_checkpoint=str(recipe.best_path),
+        )
+    )
+    ckpt = Checkpoint.load(final.best_path)
+    assert ckpt.train_info["split"]["train"] == ["c0", "c1", "c2"]  # every case, none held out
+    assert ckpt.train_info["split"]["val"] == []
+    assert ckpt.epoch == 1 and "val_s" not in final.history[-1]  # no validation ran
+    validated = Checkpoint.load(recipe.best_path).metrics
+    assert ckpt.metrics["val_dice"] == validated["val_dice"]
+    assert ckpt.metrics["validated_by"]["split"]["val"] == ["c2"]
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, out_dir=str(tmp_path / "ddp"), samples_per_epoch=8, batch_size=2)
     launch_local(cfg, world_size=2)

@@ -41,7 +41,7 @@ from cmdeploy.preprocess import probabilities_to_slice
 from cmdeploy.spec import ModelSpec
 
 from .augment import AugmentConfig
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, file_sha256
 from .data import (
     TrainDataset,
     ValDataset,
@@ -83,6 +83,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     val_every: int = 1
+    # False: train on every selected case with no held-out validation (a final model once the
+    # recipe is validated); best.pt is then the last epoch and carries ``recipe_metrics`` from the
+    # checkpoint of the validated run (``recipe_checkpoint``), marked as such.
+    validate: bool = True
+    recipe_checkpoint: str | None = None
     resume: str | None = None
     progress: bool = True
     command: str = ""
@@ -277,6 +282,9 @@ def train_step(
 
 def _resolve_splits(cfg: TrainConfig) -> dict[str, list]:
     cases = find_cases(cfg.data)
+    if not cfg.validate:
+        train = select_cases(cases, cfg.train_cases, what="--train-cases") if cfg.train_cases else cases
+        return {"train": list(train), "val": [], "test": [c for c in cases if c not in train]}
     if cfg.train_cases:
         train = select_cases(cases, cfg.train_cases, what="--train-cases")
         if cfg.val_cases:
@@ -341,7 +349,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     val_samples = _subsample(build_samples(val_vols, min_pixels=cfg.min_pixels), cfg.val_samples, cfg.seed)
     if not train_samples:
         raise InputError(f"training cases {[c.name for c in splits['train']]} hold no labelled object")
-    if not val_samples:
+    if cfg.validate and not val_samples:
         raise InputError(f"validation cases {[c.name for c in splits['val']]} hold no labelled object")
     _log(
         f"data: train {[c.name for c in splits['train']]} ({len(train_samples)} samples), "
@@ -357,6 +365,17 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     )
     start_epoch, best, history = 0, -1.0, []
     best_metrics: dict[str, Any] = {}
+    recipe_metrics: dict[str, Any] = {}
+    if not cfg.validate and cfg.recipe_checkpoint:
+        recipe = Checkpoint.load(cfg.recipe_checkpoint)
+        recipe_metrics = dict(recipe.metrics)
+        recipe_metrics["validated_by"] = {
+            "checkpoint": str(Path(cfg.recipe_checkpoint).resolve()),
+            "checkpoint_sha256": file_sha256(cfg.recipe_checkpoint),
+            "split": recipe.train_info.get("split", {}),
+            "note": "validation Dice of the same recipe trained without the validation case(s); "
+            "this model was trained on all cases, so no held-out data remained",
+        }
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt.state_dict)
         if resume_ckpt.optimizer_state is not None:
@@ -454,7 +473,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             f"{record['samples_per_s']:.2f} samples/s",
             rank,
         )
-        do_val = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        do_val = cfg.validate and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
         if rank == 0:
             metrics: dict[str, Any] = {}
             if do_val:
@@ -469,7 +488,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
                 _log(f"  validation {record['val_s']:.1f} s\n{format_metrics(metrics)}", rank)
             history.append(record)
             improved = do_val and metrics["val_dice"] > best
-            if improved:
+            if not cfg.validate and epoch + 1 == cfg.epochs:  # no validation: keep the final epoch
+                improved, best_metrics = True, recipe_metrics
+            elif improved:
                 best = metrics["val_dice"]
                 best_metrics = {
                     "val_dice": metrics["val_dice"],

@@ -33,6 +33,15 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     val_every: int = typer.Option(1, "--val-every", min=1, help="Validate every N epochs."),
+    no_validation: bool = typer.Option(
+        False, "--no-validation",
+        help="Final model: train on all --train-cases (default all cases) with no held-out case; "
+        "best.pt = last epoch. Pair with --recipe-checkpoint.",
+    ),
+    recipe_checkpoint: Path = typer.Option(
+        None, "--recipe-checkpoint",
+        help="With --no-validation: the validated run of the same recipe; its Dice is recorded.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
@@ -60,6 +69,10 @@ def train(
         bad(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
     if resume is not None and not resume.is_file():
         bad(f"--resume {resume} is not a file")
+    if recipe_checkpoint is not None and not (no_validation and recipe_checkpoint.is_file()):
+        bad(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
+    if no_validation and val_cases:
+        bad("--no-validation and --val-cases exclude each other")
     cfg = TrainConfig(
         data=str(data),
         out_dir=str(out),
@@ -79,6 +92,8 @@ def train(
         threads=threads,
         device=device,
         val_every=val_every,
+        validate=not no_validation,
+        recipe_checkpoint=str(recipe_checkpoint) if recipe_checkpoint else None,
         resume=str(resume) if resume else None,
         progress=progress,
         command="cmdeploy " + shlex.join(sys.argv[1:]),
@@ -90,7 +105,7 @@ def train(
     if result.best_path is not None:
         m = result.best_metrics
         typer.echo(f"best checkpoint (epoch {m.get('epoch')}): {result.best_path}")
-        if m:
+        if m and "val_dice_per_label" in m:
             typer.echo(format_metrics({
                 "val_dice": m["val_dice"], "val_dice_samples": m["val_dice_samples"],
                 "dice": m["val_dice_per_label"], "dice_std": m["val_dice_std_per_label"],
