@@ -139,6 +139,7 @@ def test_final_model_without_validation_records_recipe_metrics(tmp_path: Path) -
     validated = Checkpoint.load(recipe.best_path).metrics
     assert ckpt.metrics["val_dice"] == validated["val_dice"]
     assert ckpt.metrics["validated_by"]["split"]["val"] == ["c2"]
+    assert ckpt.metrics["last_epoch"]["epoch"] == 1 and "val_dice" in ckpt.metrics["last_epoch"]
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:

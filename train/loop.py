@@ -369,6 +369,9 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     if not cfg.validate and cfg.recipe_checkpoint:
         recipe = Checkpoint.load(cfg.recipe_checkpoint)
         recipe_metrics = dict(recipe.metrics)
+        history_tail = recipe.train_info.get("history", [])[-1:]
+        if history_tail:  # this model keeps its last epoch: the recipe's last-epoch validation applies
+            recipe_metrics["last_epoch"] = history_tail[0]
         recipe_metrics["validated_by"] = {
             "checkpoint": str(Path(cfg.recipe_checkpoint).resolve()),
             "checkpoint_sha256": file_sha256(cfg.recipe_checkpoint),
