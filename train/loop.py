@@ -513,7 +513,10 @@ def run_training(cfg: TrainConfig) -> TrainResult:
             ckpt.save(last_path)
             if improved:
                 ckpt.save(best_path)
-                _log(f"  new best val Dice {100 * best:.2f} -> {best_path}", rank)
+                if cfg.validate:
+                    _log(f"  new best val Dice {100 * best:.2f} -> {best_path}", rank)
+                else:
+                    _log(f"  final epoch (no validation) -> {best_path}", rank)
         if distributed:
             dist.barrier()
 

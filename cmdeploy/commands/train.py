@@ -104,7 +104,13 @@ def train(
         bad(str(exc))
     if result.best_path is not None:
         m = result.best_metrics
-        typer.echo(f"best checkpoint (epoch {m.get('epoch')}): {result.best_path}")
+        if "validated_by" in m:
+            typer.echo(
+                f"final checkpoint (no validation): {result.best_path}\n"
+                f"recipe validation from {m['validated_by']['checkpoint']} (epoch {m.get('epoch')}):"
+            )
+        else:
+            typer.echo(f"best checkpoint (epoch {m.get('epoch')}): {result.best_path}")
         if m and "val_dice_per_label" in m:
             typer.echo(format_metrics({
                 "val_dice": m["val_dice"], "val_dice_samples": m["val_dice_samples"],
