@@ -44,7 +44,7 @@ RECIPE = --data $(DATA) --guidance cm --config compact --epochs 14 --samples-per
 MODELS = cmdeploy/models
 model: $(STAMP)
 	$(BIN)/cmdeploy train $(RECIPE) --train-cases abdomen_3mm --val-cases thorax_1p5mm --out runs/compact_cm
-	$(BIN)/cmdeploy train $(RECIPE) --no-validation --recipe-checkpoint runs/compact_cm/best.pt --out runs/compact_cm_all
+	$(BIN)/cmdeploy train $(RECIPE) --no-validation --recipe-checkpoint runs/compact_cm/last.pt --out runs/compact_cm_all
 	$(BIN)/cmdeploy export --checkpoint runs/compact_cm_all/best.pt --output $(MODELS)/cmdeploy-default.onnx
 	$(BIN)/cmdeploy export --checkpoint runs/compact_cm_all/best.pt --fused --output $(MODELS)/cmdeploy-default.fused.onnx
 	$(BIN)/cmdeploy calibrate --model $(MODELS)/cmdeploy-default.onnx --data $(DATA) --target cpu \

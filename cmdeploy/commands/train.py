@@ -40,7 +40,7 @@ def train(
     ),
     recipe_checkpoint: Path = typer.Option(
         None, "--recipe-checkpoint",
-        help="With --no-validation: the validated run of the same recipe; its Dice is recorded.",
+        help="With --no-validation: last.pt of the validated run of the same recipe (its full history).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
