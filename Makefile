@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= train,export,dicom,nifti,dev
+EXTRAS ?= train,export,calibrate,dicom,nifti,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 
