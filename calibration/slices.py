@@ -4,9 +4,9 @@ Sources (:func:`load_source`):
 
 * **labelled NIfTI cases** - a folder of cases (``<root>/<case>/image.nii.gz`` + ``labels.nii.gz``,
   the ct-organs layout; SegTHOR ``<root>/<case>/<case>.nii.gz`` + ``GT.nii.gz`` also works) or one
-  such case folder. Volumes are reoriented to **LPS** exactly as :mod:`cmdeploy.train.data` does
-  (``nib.as_closest_canonical`` gives RAS, then axes 0 and 1 are flipped), so slice ``k`` is
-  ``data[:, :, k].T``: rows (y) run anterior -> posterior, columns (x) patient right -> left. An
+  such case folder. Volumes are read in the LPS frame of :func:`cmdeploy.io.nifti.read_lps_volume` (the one
+  NIfTI convention of training and runtime): rows (y) run anterior -> posterior, columns (x)
+  patient right -> left. An
   object is one 8-connected component of one label on one axial slice with at least
   ``min_pixels`` pixels; its reference mask is that component.
 * **unlabelled CT** (a DICOM folder or file, or a NIfTI/NPY volume, via
@@ -31,12 +31,12 @@ import numpy as np
 
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
-from cmdeploy.labels_to_points import connected_components
+from cmdeploy.io.nifti import read_lps_volume
+from cmdeploy.labels_to_points import DEFAULT_CONNECTIVITY, DEFAULT_MIN_SIZE, connected_components
 
-DEFAULT_MIN_PIXELS = 25
+DEFAULT_MIN_PIXELS = DEFAULT_MIN_SIZE  # the shared definition of an object
 THRESHOLD_HU = 200.0  # unlabelled CT: objects are connected regions at or above this
 _NII = (".nii.gz", ".nii")
-_LPS_FROM_RAS = np.array([[0, -1], [1, -1], [2, 1]])
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,20 +94,8 @@ def _case_pair(folder: Path) -> tuple[Path, Path] | None:
 
 
 def _load_lps(path: Path) -> np.ndarray:
-    """A 3-D NIfTI as a (Z, H, W) array in LPS slice order (see the module docstring)."""
-    try:
-        import nibabel as nib
-    except ImportError:
-        raise InputError(f"reading NIfTI '{path}' needs nibabel: pip install 'cmdeploy[nifti]'") from None
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path))).as_reoriented(_LPS_FROM_RAS)
-        data = np.asarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types
-        raise InputError(f"'{path}': cannot read as NIfTI ({type(exc).__name__}: {exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"'{path}': expected a 3-D volume, got shape {data.shape}")
+    """A 3-D NIfTI as a (Z, H, W) array of LPS slices: the runtime's one NIfTI convention."""
+    data, _, _ = read_lps_volume(path)
     return np.ascontiguousarray(data.transpose(2, 1, 0))
 
 
@@ -164,7 +152,7 @@ def slice_objects(case: CaseVolume, k: int, *, min_pixels: int = DEFAULT_MIN_PIX
     lab = case.labels[k] if case.labels is not None else (hu >= THRESHOLD_HU).astype(np.int32)
     if not lab.any():
         return []
-    comp, n = connected_components(lab, connectivity=8)
+    comp, n = connected_components(lab, connectivity=DEFAULT_CONNECTIVITY)
     sizes = np.bincount(comp.ravel(), minlength=n + 1)
     out = []
     seen: dict[int, int] = {}
