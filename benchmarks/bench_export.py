@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from cmdeploy.benchmarking import latency, machine_info
-    from cmdeploy.train.checkpoint import Checkpoint, file_sha256
+    from cmdeploy.hashing import file_sha256
+    from cmdeploy.train.checkpoint import Checkpoint
 
     torch.set_num_threads(args.threads)
     try:

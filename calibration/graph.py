@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from cmdeploy.errors import ModelError
+from cmdeploy.psp_matrices import bilinear_matrix  # re-exported
 from cmdeploy.spec import ModelSpec
 
 FUSED_INPUTS = ("slices", "points")
@@ -222,25 +223,6 @@ def space_to_depth_first_conv(model: onnx.ModelProto, *, block: int = 2) -> str 
     g.node.insert(idx, s2d)
     prune_initializers(model)
     return n.name
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float64 matrix of 1-D linear interpolation with half-pixel centres.
-
-    ONNX ``Resize(mode="linear", coordinate_transformation_mode="half_pixel")``, which is also
-    PyTorch's ``interpolate(mode="bilinear", align_corners=False)``: source coordinate
-    ``(dst + 0.5) * in / out - 0.5`` clamped at 0, neighbours clamped at the border.
-    """
-    dst = np.arange(out_size, dtype=np.float64)
-    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = np.clip(src - i0, 0.0, 1.0)
-    m = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), 1.0 - lam)
-    np.add.at(m, (rows, i1), lam)
-    return m
 
 
 def resize_bilinear_matmuls(model: onnx.ModelProto, *, skip: set[str] | frozenset = frozenset()) -> list[str]:

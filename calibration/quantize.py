@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
@@ -58,7 +57,9 @@ from cmdeploy.calibration import graph
 from cmdeploy.calibration.reader import DEFAULT_BATCH, SliceCalibrationReader, _OneBatch
 from cmdeploy.calibration.slices import SliceObject
 from cmdeploy.errors import ModelError
+from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import ModelSpec
+from cmdeploy.writers.atomic import atomic_write_bytes
 
 TARGETS = ("cpu", "tensorrt")
 METHODS: dict[str, CalibrationMethod] = {
@@ -161,15 +162,6 @@ class PreparedModel:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.model.SerializeToString(deterministic=True)).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -459,15 +451,7 @@ def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> int:
@@ -553,7 +537,6 @@ __all__ = [
     "Ranges",
     "Recipe",
     "calibrate_ranges",
-    "file_sha256",
     "installed_trt_version",
     "int8_metadata",
     "load_model",

@@ -6,22 +6,21 @@ major.minor release that built it, and carries none of cmdeploy's model card. Th
 refuse a foreign engine with a readable message *before* handing the bytes to TensorRT, and can
 prepare inputs without the ONNX file.
 
-Pure Python (json, hashlib): importable and testable without TensorRT or a GPU.
+Pure Python (json, :mod:`cmdeploy.hashing`): importable and testable without TensorRT or a GPU.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cmdeploy.errors import ModelError
+from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import ModelSpec
+from cmdeploy.writers.atomic import atomic_write_text
 
 SIDECAR_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -35,15 +34,6 @@ def sidecar_path(engine_path: str | Path) -> Path:
     """``<engine>.json`` beside the engine: ``model.plan`` -> ``model.plan.json``."""
     p = Path(engine_path)
     return p.with_name(p.name + ".json")
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def utc_now() -> str:
@@ -149,17 +139,7 @@ class EngineSidecar:
 
     def write(self, path: str | Path) -> Path:
         """Write as JSON to ``path`` (temp file + rename); returns the path."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def read(cls, path: str | Path) -> EngineSidecar:
@@ -196,7 +176,7 @@ class EngineSidecar:
 
     def matches_onnx(self, onnx_path: str | Path) -> bool:
         """True when ``onnx_path`` is byte-identical to the ONNX the engine was built from."""
-        return sha256_file(onnx_path) == self.onnx_sha256
+        return file_sha256(onnx_path) == self.onnx_sha256
 
 
 def check_compatible(

@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 
 from cmdeploy.errors import InputError
 from cmdeploy.io.series import Series
+from cmdeploy.writers.atomic import atomic_path
 
 POINT_COLUMNS: tuple[str, ...] = (
     "left_x",
@@ -296,16 +295,10 @@ def write_points_csv(path: str | Path, rows: Iterable[PointsRow]) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"output folder '{parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            for r in rows:
-                pts = np.asarray(r.points, dtype=np.float32).reshape(4, 2)
-                uid = [r.sop_instance_uid or ""] if with_uid else []
-                w.writerow([int(r.slice_index), *uid, r.label, *(_fmt(v) for v in pts.ravel())])
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(p) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for r in rows:
+            pts = np.asarray(r.points, dtype=np.float32).reshape(4, 2)
+            uid = [r.sop_instance_uid or ""] if with_uid else []
+            w.writerow([int(r.slice_index), *uid, r.label, *(_fmt(v) for v in pts.ravel())])

@@ -26,7 +26,6 @@ preprocessing with inference.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,6 +37,7 @@ import numpy as np
 from cmdeploy.errors import InputError, ModelError
 from cmdeploy.geometry import CropTransform, sample_bilinear
 from cmdeploy.guidance import validate_points
+from cmdeploy.hashing import file_sha256
 from cmdeploy.preprocess import prepare_batch, sigmoid
 from cmdeploy.spec import ModelSpec
 
@@ -47,14 +47,6 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 FUSED_INPUTS = ("slices", "points")
 # how far (pixels) a point may lie outside the pixel-centre grid [0, W-1] x [0, H-1]
 POINT_MARGIN = 0.5
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_slice(slice_hu: Any, *, name: str = "slice") -> np.ndarray:
@@ -273,7 +265,7 @@ class Segmenter:
     @cached_property
     def model_sha256(self) -> str:
         """Hex SHA-256 of the model file (computed on first use)."""
-        return _sha256(self.model_path)
+        return file_sha256(self.model_path)
 
     @property
     def threshold(self) -> float:

@@ -1,1 +1,1 @@
-"""cmdeploy.export: checkpoint -> ONNX (plain, fused preprocessing, FP16), TensorRT engines, Triton repos, parity and verify."""
+"""cmdeploy.export: checkpoint -> ONNX (plain, fused, FP16), TensorRT engines, Triton repos, parity checks."""

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmdeploy.export.parity import ParityCase, ParityReport, compare_outputs, default_cases, footprints
+from cmdeploy.export.parity import ParityCase, ParityReport, compare_outputs, footprints
 from cmdeploy.spec import ModelSpec
 
 FUSED_INPUTS = ("slices", "points")
@@ -442,20 +442,13 @@ def export_fused(
     Returns an :class:`cmdeploy.export.onnx_export.ExportResult`; raises
     :class:`cmdeploy.export.parity.ParityError` (nothing written) when parity fails.
     """
-    import tempfile
-
-    import onnx
-
     from cmdeploy.export.onnx_export import (
-        ExportResult,
-        fold_and_clean,
         fuse_batchnorm,
         load_checkpoint,
-        model_card,
-        op_counts,
+        parity_cases,
         run_onnx,
-        save_model,
-        set_metadata,
+        traced_model,
+        write_export,
     )
 
     if opset < 16:
@@ -463,41 +456,33 @@ def export_fused(
     ckpt, model, sha = load_checkpoint(checkpoint_path)
     spec = ckpt.spec
     network, n_fused = fuse_batchnorm(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = export_fused_graph(
-            network, spec, Path(tmp) / "fused.onnx", opset=opset, debug=debug,
-            geometry_dtype=geometry_dtype,
-        )
-        proto = onnx.load(str(raw))
-    proto = fold_and_clean(proto)
-    proto.doc_string = (
+    proto, meta = traced_model(
+        lambda raw_path: export_fused_graph(
+            network, spec, raw_path, opset=opset, debug=debug, geometry_dtype=geometry_dtype
+        ),
+        ckpt,
+        sha,
+        "fused",
         "cmdeploy fused model: slices (B, H, W) float32 HU + points (B, 4, 2) float32 "
         "(left, right, top, bottom; each (x = column, y = row) in slice pixels) -> probabilities "
-        "(B, H, W) float32 (0 outside the crop)"
+        "(B, H, W) float32 (0 outside the crop)",
+        {"cmdeploy.fused_geometry_dtype": geometry_dtype},
     )
-    meta = model_card(ckpt, sha, "fused")
-    meta["cmdeploy.fused_geometry_dtype"] = geometry_dtype
-    set_metadata(proto, meta)
-    onnx.checker.check_model(proto, full_check=True)
     report = None
     if check_parity:
-        cases = default_cases() if parity_slices is None else list(parity_slices)
-        if not cases:
-            raise ValueError("parity check needs at least one (slice, points) case")
-        report = fused_parity(model, lambda feeds: run_onnx(proto, feeds), spec, cases)
+        report = fused_parity(
+            model, lambda feeds: run_onnx(proto, feeds), spec, parity_cases(parity_slices)
+        )
         report.check(
             max_mask_mismatch=1.0 - min_mask_agreement,
             min_dice=min_dice,
             what="fused graph vs NumPy runtime path",
         )
-    size = save_model(proto, output_path)
-    return ExportResult(
-        path=Path(output_path),
+    return write_export(
+        proto,
+        output_path,
         graph="fused",
         opset=opset,
-        node_count=len(proto.graph.node),
-        op_counts=op_counts(proto),
-        file_bytes=size,
         checkpoint_sha256=sha,
         parity=report,
         batchnorm_fused=n_fused,

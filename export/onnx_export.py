@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import tempfile
 import warnings
 from collections import Counter
@@ -37,6 +36,8 @@ import numpy as np
 
 from cmdeploy import __version__
 from cmdeploy.export.parity import ParityCase, ParityReport, compare_outputs, default_cases
+from cmdeploy.hashing import file_sha256
+from cmdeploy.writers.atomic import atomic_path
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
@@ -133,7 +134,7 @@ def fuse_batchnorm(model: Any) -> tuple[Any, int]:
 
 def load_checkpoint(checkpoint_path: str | Path) -> tuple[Any, Any, str]:
     """(Checkpoint, eval-mode model, checkpoint SHA-256) for a checkpoint file."""
-    from cmdeploy.train.checkpoint import Checkpoint, file_sha256
+    from cmdeploy.train.checkpoint import Checkpoint
 
     ckpt = Checkpoint.load(checkpoint_path)
     return ckpt, ckpt.build_model(), file_sha256(checkpoint_path)
@@ -223,15 +224,77 @@ def save_model(model: Any, path: str | Path) -> int:
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp, save_as_external_data=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
     return path.stat().st_size
+
+
+def traced_model(
+    trace: Callable[[Path], object],
+    ckpt: Any,
+    checkpoint_sha256: str,
+    graph: str,
+    doc_string: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """The ONNX side of an export, shared by the plain and the fused graph.
+
+    ``trace(path)`` writes the raw ONNX to a temporary ``path``; the model is loaded,
+    constant-folded (:func:`fold_and_clean`), given ``doc_string`` and the model card
+    (:func:`model_card` for ``graph``, plus ``extra_metadata``) and passed through ``onnx.checker``
+    (full check). Returns (ModelProto, metadata written).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / f"{graph}.onnx"
+        trace(raw_path)
+        proto = onnx.load(str(raw_path))
+    proto = fold_and_clean(proto)
+    proto.doc_string = doc_string
+    meta = model_card(ckpt, checkpoint_sha256, graph)
+    meta.update(extra_metadata or {})
+    set_metadata(proto, meta)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, meta
+
+
+def parity_cases(parity_slices: Sequence[ParityCase] | None) -> list[ParityCase]:
+    """``parity_slices`` as a list, or :func:`~cmdeploy.export.parity.default_cases` when None.
+
+    Raises ``ValueError`` when there is no case to check.
+    """
+    cases = default_cases() if parity_slices is None else list(parity_slices)
+    if not cases:
+        raise ValueError("parity check needs at least one (slice, points) case")
+    return cases
+
+
+def write_export(
+    proto: Any,
+    output_path: str | Path,
+    *,
+    graph: str,
+    opset: int,
+    checkpoint_sha256: str,
+    parity: ParityReport | None,
+    batchnorm_fused: int,
+    metadata: dict[str, str],
+) -> ExportResult:
+    """Write ``proto`` (:func:`save_model`) and describe it as an :class:`ExportResult`."""
+    size = save_model(proto, output_path)
+    return ExportResult(
+        path=Path(output_path),
+        graph=graph,
+        opset=opset,
+        node_count=len(proto.graph.node),
+        op_counts=op_counts(proto),
+        file_bytes=size,
+        checkpoint_sha256=checkpoint_sha256,
+        parity=parity,
+        batchnorm_fused=batchnorm_fused,
+        metadata=metadata,
+    )
 
 
 def run_onnx(model: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -305,7 +368,6 @@ def export_onnx(
     Raises:
         ParityError: the exported model disagrees with torch (nothing is written).
     """
-    import onnx
     import torch
 
     if opset < 13:
@@ -314,14 +376,13 @@ def export_onnx(
     spec = ckpt.spec
     fused, n_fused = fuse_batchnorm(model)
     s, c = spec.input_size, spec.num_channels
-    example = torch.zeros(2, c, s, s)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.onnx"
+
+    def trace(raw_path: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 fused,
-                (example,),
+                (torch.zeros(2, c, s, s),),
                 str(raw_path),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
@@ -331,36 +392,33 @@ def export_onnx(
                 training=torch.onnx.TrainingMode.EVAL,
                 dynamo=False,
             )
-        proto = onnx.load(str(raw_path))
-    proto = fold_and_clean(proto)
-    proto.doc_string = (
+
+    proto, meta = traced_model(
+        trace,
+        ckpt,
+        sha,
+        "plain",
         f"cmdeploy plain model: {INPUT_NAME} (N, {c}, {s}, {s}) float32, channels "
-        f"{','.join(spec.channels)} -> {OUTPUT_NAME} (N, 1, {s}, {s}) foreground logits"
+        f"{','.join(spec.channels)} -> {OUTPUT_NAME} (N, 1, {s}, {s}) foreground logits",
     )
-    meta = model_card(ckpt, sha, "plain")
-    set_metadata(proto, meta)
-    onnx.checker.check_model(proto, full_check=True)
     bn_left = op_counts(proto).get("BatchNormalization", 0)
     if bn_left:
         raise RuntimeError(f"{bn_left} BatchNormalization nodes were not folded into convolutions")
 
     report = None
     if check_parity:
-        cases = default_cases() if parity_slices is None else list(parity_slices)
-        if not cases:
-            raise ValueError("parity check needs at least one (slice, points) case")
         report = plain_parity(
-            model, lambda x: run_onnx(proto, {INPUT_NAME: x})[OUTPUT_NAME], spec, cases
+            model,
+            lambda x: run_onnx(proto, {INPUT_NAME: x})[OUTPUT_NAME],
+            spec,
+            parity_cases(parity_slices),
         )
         report.check(atol=atol, max_mask_mismatch=max_mask_mismatch, what="torch vs onnxruntime parity")
-    size = save_model(proto, output_path)
-    return ExportResult(
-        path=Path(output_path),
+    return write_export(
+        proto,
+        output_path,
         graph="plain",
         opset=opset,
-        node_count=len(proto.graph.node),
-        op_counts=op_counts(proto),
-        file_bytes=size,
         checkpoint_sha256=sha,
         parity=report,
         batchnorm_fused=n_fused,
@@ -380,8 +438,11 @@ __all__ = [
     "logit",
     "model_card",
     "op_counts",
+    "parity_cases",
     "plain_parity",
     "run_onnx",
     "save_model",
     "set_metadata",
+    "traced_model",
+    "write_export",
 ]

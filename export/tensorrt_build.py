@@ -20,8 +20,6 @@ after the build. The pure-Python steps (:func:`plan_build`, :func:`graph_precisi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +30,11 @@ from onnx import TensorProto
 
 import cmdeploy
 from cmdeploy.backends.tensorrt import cuda_device_info, import_tensorrt
-from cmdeploy.engine_sidecar import EngineSidecar, sha256_file, sidecar_path, utc_now
+from cmdeploy.engine_sidecar import EngineSidecar, sidecar_path, utc_now
 from cmdeploy.errors import InputError, ModelError
+from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import ModelSpec
+from cmdeploy.writers.atomic import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 QDQ_HINT = (
@@ -251,17 +251,6 @@ def format_parser_errors(parser: Any, source: str = "ONNX") -> str:
     return f"TensorRT could not parse {source}:\n" + "\n".join(lines)
 
 
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_spec(model: onnx.ModelProto, source: str = "ONNX") -> ModelSpec:
     """The :class:`ModelSpec` in the ONNX metadata; :class:`InputError` when absent."""
     meta = {p.key: p.value for p in model.metadata_props}
@@ -350,7 +339,7 @@ def build_engine(
         tensorrt_version=trt.__version__,
         gpu_name=gpu_name,
         compute_capability=cc,
-        onnx_sha256=sha256_file(onnx_path),
+        onnx_sha256=file_sha256(onnx_path),
         input_shapes={n: profiles[n] for n in net_inputs},
         output_names=[t.name for t in outputs],
         precision=plan.precision,
@@ -361,9 +350,9 @@ def build_engine(
         io_dtypes=onnx_io_dtypes(model),
     )
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, memoryview(serialized))
+    atomic_write_bytes(engine_path, memoryview(serialized))
     sidecar.write(sidecar_path(engine_path))
     if cache is not None and timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(timing_cache, memoryview(cache.serialize()))
+        atomic_write_bytes(timing_cache, memoryview(cache.serialize()))
     return engine_path

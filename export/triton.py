@@ -16,10 +16,8 @@ Triton client can prepare inputs exactly as ``cmdeploy infer`` does.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from onnx import TensorProto
 from cmdeploy.engine_sidecar import EngineSidecar, sidecar_path
 from cmdeploy.errors import InputError
 from cmdeploy.spec import METADATA_KEY, ModelSpec
+from cmdeploy.writers.atomic import atomic_path, atomic_write_text
 
 _ONNX_TO_TRITON = {
     TensorProto.FLOAT: "TYPE_FP32",
@@ -204,28 +203,6 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_triton_repository(
     repo_dir: str | Path,
     model_name: str,
@@ -323,7 +300,8 @@ def write_triton_repository(
         model_dir = repo / job.name
         version_dir = model_dir / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(job.source, version_dir / job.file_name)
+        with atomic_path(version_dir / job.file_name) as tmp:
+            shutil.copyfile(job.source, tmp)
         text = render_config(
             job.name,
             job.platform,
@@ -336,6 +314,6 @@ def write_triton_repository(
             instance_kind=job.instance_kind,
             spec=job.spec,
         )
-        _write_text_atomic(model_dir / "config.pbtxt", text)
+        atomic_write_text(model_dir / "config.pbtxt", text)
         written[job.name] = model_dir
     return written

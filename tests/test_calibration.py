@@ -218,14 +218,22 @@ def test_space_to_depth_skips_other_convs():
     assert [n.op_type for n in model.graph.node] == ["Conv"]
 
 
-def test_bilinear_matrix_matches_the_model():
+def test_bilinear_matrix_is_the_models_upsampling():
+    """The matrix the rewrite looks for is the model's (one implementation) and is torch's bilinear."""
+    torch = pytest.importorskip("torch")
     model = pytest.importorskip("cmdeploy.train.model")
     from cmdeploy.calibration.graph import bilinear_matrix
 
+    torch.set_num_threads(1)
+    assert bilinear_matrix is model.bilinear_matrix
+    rng = np.random.default_rng(0)
     for n_in, n_out in [(1, 8), (2, 8), (3, 8), (6, 32), (8, 64), (5, 3)]:
-        np.testing.assert_allclose(
-            bilinear_matrix(n_in, n_out), model.bilinear_matrix(n_in, n_out), atol=1e-6
-        )
+        x = rng.standard_normal((n_in, n_in))
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(x)[None, None], size=(n_out, n_out), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
+        m = bilinear_matrix(n_in, n_out).astype(np.float64)
+        np.testing.assert_allclose(m @ x @ m.T, want, atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None)

@@ -23,7 +23,6 @@ from cmdeploy.engine_sidecar import (
     EngineSidecar,
     check_compatible,
     normalise_compute_capability,
-    sha256_file,
     sidecar_path,
 )
 from cmdeploy.errors import InputError, ModelError
@@ -36,6 +35,7 @@ from cmdeploy.export.tensorrt_build import (
     plan_build,
     profile_shapes,
 )
+from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import ModelSpec
 
 try:
@@ -124,7 +124,7 @@ def test_sidecar_round_trip(tmp_path):
     assert back.model_spec == SPEC
     assert back.batch_range == (1, 8, 32)
     assert json.loads(path.read_text())["compute_capability"] == "9.0"
-    assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.plan.json"]  # no temp file left behind
 
 
 def test_sidecar_read_errors_name_the_file(tmp_path):
@@ -216,7 +216,7 @@ def test_check_compatible_lists_every_mismatch():
 def test_sidecar_matches_onnx(tmp_path):
     p = tmp_path / "m.onnx"
     onnx.save(conv_model(), p)
-    sc = make_sidecar(onnx_sha256=sha256_file(p))
+    sc = make_sidecar(onnx_sha256=file_sha256(p))
     assert sc.matches_onnx(p)
     p.write_bytes(p.read_bytes() + b"\0")
     assert not sc.matches_onnx(p)
@@ -449,7 +449,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision):
     )
     assert cache.is_file() and sidecar_path(engine).is_file()
     sc = EngineSidecar.read(sidecar_path(engine))
-    assert sc.onnx_sha256 == sha256_file(onnx_path) and sc.precision == precision
+    assert sc.onnx_sha256 == file_sha256(onnx_path) and sc.precision == precision
     x = np.random.default_rng(0).normal(size=(6, 2, 16, 16)).astype(np.float32)  # 2 chunks
     ref = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
         None, {"image": x}

@@ -8,14 +8,13 @@ File content (a plain dict, loadable with ``torch.load(..., weights_only=True)``
      "state_dict": {name: tensor}, "optimizer": optimizer state dict or None,
      "epoch": int or None, "metrics": {name: number}, "train": {data, split, seed, command, ...}}
 
-Files are written atomically (temp file in the same folder, then ``os.replace``).
+Files are written atomically (:func:`cmdeploy.writers.atomic.atomic_path`: temp file in the same
+folder, fsync, then ``os.replace``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmdeploy.hashing import file_sha256  # re-exported: older callers import it from here
 from cmdeploy.spec import ModelSpec
+from cmdeploy.writers.atomic import atomic_path
 
 from .model import ModelConfig, ResNetPSP, build_model
 
@@ -109,16 +110,8 @@ class Checkpoint:
         """Write atomically to ``path`` (parent folders created); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
         return path
 
     @classmethod
@@ -318,15 +311,6 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Same as :meth:`Checkpoint.load`."""
     return Checkpoint.load(path)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 __all__ = [

@@ -37,11 +37,12 @@ import torch.distributed as dist
 
 from cmdeploy.errors import InputError
 from cmdeploy.geometry import CropTransform
+from cmdeploy.hashing import file_sha256
 from cmdeploy.preprocess import probabilities_to_slice
 from cmdeploy.spec import ModelSpec
 
 from .augment import AugmentConfig
-from .checkpoint import Checkpoint, file_sha256
+from .checkpoint import Checkpoint
 from .data import (
     TrainDataset,
     ValDataset,

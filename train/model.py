@@ -6,10 +6,11 @@ atrous (stride 1, dilation 2 and 4), so the feature map of an ``S x S`` input is
 (1, 2, 3, 6) and one output logit channel, upsampled to the input size.
 
 Both the adaptive average pooling and the bilinear upsampling of the head are constant matrices
-built for the model's fixed ``input_size`` (``P_h @ x @ P_w^T``), registered as non-persistent
-buffers. They reproduce ``F.adaptive_avg_pool2d`` and ``F.interpolate(mode="bilinear",
-align_corners=False)`` exactly and export to ONNX as plain ``MatMul`` nodes: no adaptive pooling,
-no ``Resize``, no shape arithmetic (no ``Shape``/``Gather``) in the graph.
+built for the model's fixed ``input_size`` (``P_h @ x @ P_w^T``, :mod:`cmdeploy.psp_matrices`),
+registered as non-persistent buffers. They reproduce ``F.adaptive_avg_pool2d`` and
+``F.interpolate(mode="bilinear", align_corners=False)`` exactly and export to ONNX as plain
+``MatMul`` nodes: no adaptive pooling, no ``Resize``, no shape arithmetic (no ``Shape``/``Gather``)
+in the graph.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from cmdeploy.psp_matrices import adaptive_pool_matrix, bilinear_matrix  # re-exported
 
 OUTPUT_STRIDE = 8
 PSP_BINS = (1, 2, 3, 6)
@@ -122,37 +124,6 @@ def feature_size(input_size: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # constant-matrix pooling and resizing
-
-
-def adaptive_pool_matrix(in_size: int, bins: int) -> np.ndarray:
-    """``(bins, in_size)`` float32 matrix averaging bin i over ``[floor(i*n/b), ceil((i+1)*n/b))``.
-
-    The bin edges are those of ``torch.nn.functional.adaptive_avg_pool2d``.
-    """
-    m = np.zeros((bins, in_size), np.float64)
-    for i in range(bins):  # bins <= a handful: construction time only
-        start = (i * in_size) // bins
-        end = -((-(i + 1) * in_size) // bins)
-        m[i, start:end] = 1.0 / (end - start)
-    return m.astype(np.float32)
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """``(out_size, in_size)`` float32 matrix of 1-D linear interpolation, ``align_corners=False``.
-
-    Matches ``F.interpolate(..., size=out_size, mode="bilinear", align_corners=False)``: source
-    coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, neighbours clamped at the border.
-    """
-    dst = np.arange(out_size, dtype=np.float64)
-    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = np.clip(src - i0, 0.0, 1.0)
-    m = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, i0), 1.0 - lam)
-    np.add.at(m, (rows, i1), lam)
-    return m.astype(np.float32)
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

@@ -44,28 +44,20 @@ def bench(
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON to this file."),
 ) -> None:
     """Benchmark models: p50/p95 latency, objects/s, GFLOP/s vs the machine's matmul peak."""
-    from rich.console import Console
-    from rich.markup import escape
+    from cmdeploy.commands._common import error_console, exit_on_error, json_default, wide_console
+    from cmdeploy.errors import ModelError
 
-    from cmdeploy.errors import InputError, ModelError
-
-    err = Console(stderr=True, highlight=False)
-    try:
+    err = error_console()
+    with exit_on_error(err, model_errors=(ModelError,)):
         result = run_bench(
             model, backends=backend, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
             iterations=iterations, warmup=warmup, threads=threads, device=device, slice_size=slice_size,
             cm_sizes=_ints(cm_sizes, "--cm-sizes"), peak_size=peak_size, peak_repeats=peak_repeats,
             flops=flops, err=err,
         )
-    except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except ModelError as exc:
-        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}")
-        raise typer.Exit(3) from None
     import json
 
-    text = json.dumps(result, indent=2, default=_json_default)
+    text = json.dumps(result, indent=2, default=json_default)
     if output is not None:
         from cmdeploy.writers.atomic import atomic_write_text
 
@@ -76,24 +68,6 @@ def bench(
         print_report(wide_console(), result)
     if not any(r.get("results") for r in result["models"]):
         raise typer.Exit(3)
-
-
-def wide_console():
-    """A stdout console; 160 columns when not a terminal (pipes, logs) so tables do not wrap."""
-    from rich.console import Console
-
-    probe = Console()
-    return Console(highlight=False, width=None if probe.is_terminal else max(probe.width, 160))
-
-
-def _json_default(o: Any) -> Any:
-    import math
-
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int], iterations: int,

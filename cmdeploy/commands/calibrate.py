@@ -59,13 +59,10 @@ def calibrate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Quantize a plain ONNX model to INT8 (QDQ) and keep it only if held-out Dice holds up."""
-    from rich.console import Console
-    from rich.markup import escape
+    from cmdeploy.commands._common import error_console, exit_on_error
 
-    from cmdeploy.errors import InputError, ModelError
-
-    err = Console(stderr=True, highlight=False)
-    try:
+    err = error_console()
+    with exit_on_error(err):
         passed = _calibrate(
             model=model,
             data=data,
@@ -87,12 +84,6 @@ def calibrate(
             overwrite=overwrite,
             err=err,
         )
-    except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (ModelError, RuntimeError, MemoryError, OSError) as exc:
-        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(3) from None
     if not passed:
         raise typer.Exit(1)
 

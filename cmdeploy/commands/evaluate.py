@@ -70,25 +70,16 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="onnxruntime device: cpu or cuda."),
 ) -> None:
     """Segment every reference object from its extreme points and report Dice and HD95 per label."""
-    from rich.console import Console
-    from rich.markup import escape
+    from cmdeploy.commands._common import error_console, exit_on_error
 
-    from cmdeploy.errors import InputError, ModelError
-
-    err = Console(stderr=True, highlight=False)
-    try:
+    err = error_console()
+    with exit_on_error(err):
         _evaluate(
             model, data, cases=_split(cases), labels=_split(labels), reference=reference, names=names,
             jitter=jitter, seed=seed, min_size=min_size, connectivity=connectivity, by_size=by_size,
             size_edges=size_edges, n_worst=n_worst, output=output, overwrite=overwrite, backend=backend,
             batch_size=batch_size, threads=threads, device=device, err=err,
         )
-    except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(2) from None
-    except (ModelError, RuntimeError, MemoryError, OSError) as exc:
-        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}")
-        raise typer.Exit(3) from None
 
 
 def parse_edges(text: str | None) -> tuple[float, ...]:
@@ -113,6 +104,7 @@ def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names,
               device, err) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cmdeploy.commands._common import wide_console
     from cmdeploy.errors import InputError
     from cmdeploy.evaluation import evaluate as run_evaluation
     from cmdeploy.evaluation import find_cases, model_names
@@ -215,6 +207,7 @@ def _safe(name: str) -> str:
 def _write_outputs(out, ev, segs, *, by_size: bool, edges, n_worst: int, err) -> None:
     import json
 
+    from cmdeploy.commands._common import json_default
     from cmdeploy.evaluation import markdown_report, object_rows, results_rows, summarize
 
     out.write_text(RESULTS_CSV, _csv_text(results_rows(ev, by_size=by_size, edges=edges)))
@@ -230,7 +223,7 @@ def _write_outputs(out, ev, segs, *, by_size: bool, edges, n_worst: int, err) ->
             for m, r in ev.runs.items()
         },
     }
-    out.write_text(SUMMARY_JSON, json.dumps(summary, indent=2, default=_json_default) + "\n")
+    out.write_text(SUMMARY_JSON, json.dumps(summary, indent=2, default=json_default) + "\n")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -240,22 +233,6 @@ def _write_outputs(out, ev, segs, *, by_size: bool, edges, n_worst: int, err) ->
     if n_worst:
         for (m, _), seg in zip(ev.runs.items(), segs, strict=True):
             out.write_bytes(f"plots/worst_{_safe(m)}.png", worst_grid_png(ev, m, seg, min(n_worst, MAX_GRID)))
-
-
-def wide_console():
-    """A stdout console; 160 columns when not a terminal (pipes, logs) so tables do not wrap."""
-    from rich.console import Console
-
-    probe = Console()
-    return Console(highlight=False, width=None if probe.is_terminal else max(probe.width, 160))
-
-
-def _json_default(o: Any) -> Any:
-    import math
-
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
 
 
 def _figure_png(fig) -> bytes:

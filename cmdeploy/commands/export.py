@@ -7,12 +7,9 @@ from pathlib import Path
 
 import typer
 
+from cmdeploy.commands._common import EXIT_CHECK, fail
+
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def export(
@@ -46,28 +43,28 @@ def export(
     preprocessed CT slices; fused: the graph vs the NumPy runtime path).
     """
     if not checkpoint.is_file():
-        _fail(f"--checkpoint {checkpoint} not found")
+        fail(f"--checkpoint {checkpoint} not found")
     if precision not in PRECISIONS:
-        _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not min_batch <= opt_batch <= max_batch:
-        _fail(f"need --min-batch <= --opt-batch <= --max-batch, got {min_batch}, {opt_batch}, {max_batch}")
+        fail(f"need --min-batch <= --opt-batch <= --max-batch, got {min_batch}, {opt_batch}, {max_batch}")
     if fused_geometry is None:
         fused_geometry = "float32" if engine is not None else "float64"
     if fused_geometry not in ("float64", "float32"):
-        _fail(f"--fused-geometry must be float64 or float32, got {fused_geometry!r}")
+        fail(f"--fused-geometry must be float64 or float32, got {fused_geometry!r}")
     if fused and opset < 16:
-        _fail(f"--fused needs --opset >= 16 (GridSample), got {opset}")
+        fail(f"--fused needs --opset >= 16 (GridSample), got {opset}")
     if engine is not None and importlib.util.find_spec("tensorrt") is None:
-        _fail(
+        fail(
             "TensorRT not installed: --engine needs the 'trt' extra: pip install 'cmdeploy[trt]' "
             "(an NVIDIA GPU and driver); the ONNX model runs without it on onnxruntime"
         )
     if output.suffix.lower() != ".onnx":
-        _fail(f"--output must end in .onnx, got {output}")
+        fail(f"--output must end in .onnx, got {output}")
     try:
         import torch  # noqa: F401
     except ImportError:
-        _fail("export needs torch: pip install 'cmdeploy[train,export]'")
+        fail("export needs torch: pip install 'cmdeploy[train,export]'")
 
     from cmdeploy.errors import InputError, ModelError
     from cmdeploy.export.parity import ParityError
@@ -82,9 +79,9 @@ def export(
 
             result = export_onnx(checkpoint, output, opset=opset)
     except ParityError as exc:
-        _fail(f"{exc}; {output} was not written", code=1)
+        fail(f"{exc}; {output} was not written", code=EXIT_CHECK)
     except (ValueError, FileNotFoundError, InputError, ModelError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(result.summary())
     typer.echo(f"BatchNorm folded into {result.batchnorm_fused} convolutions")
     if fused:
@@ -107,7 +104,7 @@ def export(
                 timing_cache=timing_cache,
             )
         except (InputError, ModelError, ValueError) as exc:
-            _fail(f"engine build failed: {exc}")
+            fail(f"engine build failed: {exc}")
         typer.echo(f"wrote TensorRT engine {built} ({built.stat().st_size / 1e6:.2f} MB, {precision})")
     if triton_repo is not None:
         from cmdeploy.export.triton import write_triton_repository
@@ -117,7 +114,7 @@ def export(
                 triton_repo, model_name, onnx_path=output, engine_path=engine, max_batch_size=max_batch
             )
         except (InputError, ModelError, ValueError) as exc:
-            _fail(f"Triton repository: {exc}")
+            fail(f"Triton repository: {exc}")
         for name, folder in folders.items():
             typer.echo(f"wrote Triton model {name!r} in {folder}")
 
@@ -137,5 +134,5 @@ def _write_fp16(output: Path) -> Path:
     check = verify_models(output, path)
     typer.echo("FP16 vs FP32 (onnxruntime):\n" + check.summary())
     if not check.ok:
-        _fail(f"the FP16 copy {path} disagrees with the FP32 model beyond tolerance", code=1)
+        fail(f"the FP16 copy {path} disagrees with the FP32 model beyond tolerance", code=EXIT_CHECK)
     return path

@@ -33,6 +33,7 @@ def guidance(
     """
     import numpy as np
 
+    from cmdeploy.commands._common import fail
     from cmdeploy.errors import InputError
     from cmdeploy.guidance import confidence_map
     from cmdeploy.io import open_series
@@ -56,8 +57,7 @@ def guidance(
         output.parent.mkdir(parents=True, exist_ok=True)
         render_guidance_overlay(slice_hu, pts, maps, output)
     except (InputError, ValueError, IndexError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
 
     skipped = len({r.slice_index for r in rows}) - 1
     more = f"; {skipped} other slice(s) in the CSV not drawn" if skipped > 0 else ""

@@ -47,13 +47,10 @@ def infer(
     ),
 ) -> None:
     """Segment the objects of a points CSV (four extreme points each) on a CT series."""
-    from rich.console import Console
-    from rich.markup import escape
+    from cmdeploy.commands._common import error_console, exit_on_error
 
-    from cmdeploy.errors import InputError, ModelError
-
-    err = Console(stderr=True, highlight=False)
-    try:
+    err = error_console()
+    with exit_on_error(err):
         _infer(
             input_path,
             points,
@@ -68,12 +65,6 @@ def infer(
             series_uid=series_uid,
             err=err,
         )
-    except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (ModelError, RuntimeError, MemoryError, OSError) as exc:
-        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(3) from None
 
 
 def parse_formats(text: str | None, kind: str) -> list[str]:

@@ -30,9 +30,9 @@ def points_from_labels(
     One row per object per slice; a label's extra pieces on a slice are named NAME#2, NAME#3, ...
     """
     from rich.console import Console
-    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from cmdeploy.commands._common import exit_on_error
     from cmdeploy.errors import InputError
     from cmdeploy.labels_to_points import (
         load_label_names,
@@ -43,7 +43,7 @@ def points_from_labels(
     from cmdeploy.points_csv import write_points_csv
 
     err = Console(stderr=True)
-    try:
+    with exit_on_error(err, model_errors=()):
         if connectivity not in (4, 8):
             raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
         name_map = load_label_names(names) if names is not None else None
@@ -64,9 +64,6 @@ def points_from_labels(
                 + (" for the selected labels" if ids else "")
             )
         write_points_csv(output, rows)
-    except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
     n_slices = len({r.slice_index for r in rows})
     n_labels = len({r.label.split("#", 1)[0] for r in rows})
     err.print(

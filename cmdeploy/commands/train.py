@@ -45,34 +45,29 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
+    from cmdeploy.commands._common import fail
+
     try:
         import torch  # noqa: F401
     except ImportError:
-        typer.echo(
-            "error: training needs the 'train' extra (torch): pip install 'cmdeploy[train]'", err=True
-        )
-        raise typer.Exit(2) from None
+        fail("training needs the 'train' extra (torch): pip install 'cmdeploy[train]'")
     from cmdeploy.errors import InputError
     from cmdeploy.spec import GUIDANCE_MODES
     from cmdeploy.train.loop import TrainConfig, format_metrics, run_training
     from cmdeploy.train.model import NAMED_CONFIGS
 
-    def bad(msg: str) -> None:
-        typer.echo(f"error: {msg}", err=True)
-        raise typer.Exit(2)
-
     if not data.exists():
-        bad(f"--data {data} does not exist")
+        fail(f"--data {data} does not exist")
     if guidance not in GUIDANCE_MODES:
-        bad(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+        fail(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
     if config not in NAMED_CONFIGS:
-        bad(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
+        fail(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
     if resume is not None and not resume.is_file():
-        bad(f"--resume {resume} is not a file")
+        fail(f"--resume {resume} is not a file")
     if recipe_checkpoint is not None and not (no_validation and recipe_checkpoint.is_file()):
-        bad(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
+        fail(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
     if no_validation and val_cases:
-        bad("--no-validation and --val-cases exclude each other")
+        fail("--no-validation and --val-cases exclude each other")
     cfg = TrainConfig(
         data=str(data),
         out_dir=str(out),
@@ -101,7 +96,7 @@ def train(
     try:
         result = run_training(cfg)
     except InputError as exc:
-        bad(str(exc))
+        fail(str(exc))
     if result.best_path is not None:
         m = result.best_metrics
         if "validated_by" in m:

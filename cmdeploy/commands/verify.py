@@ -28,21 +28,20 @@ def verify(
     Prints max/mean |dprobability| and the mask agreement on each object's crop footprint; exits
     1 when beyond --atol or --min-mask-agreement, 2 on a bad input or model.
     """
+    from cmdeploy.commands._common import EXIT_CHECK, fail
     from cmdeploy.errors import InputError, ModelError
     from cmdeploy.export.verify import load_cases, verify_models
 
     for p in (model_a, model_b):
         if not p.is_file():
-            typer.echo(f"error: model {p} not found", err=True)
-            raise typer.Exit(2)
+            fail(f"model {p} not found")
     try:
         cases = load_cases(input, points)
         result = verify_models(
             model_a, model_b, cases, atol=atol, min_mask_agreement=min_mask_agreement, threads=threads
         )
     except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     typer.echo(result.summary())
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CHECK)

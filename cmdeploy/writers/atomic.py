@@ -106,7 +106,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
     target = Path(path)
     with atomic_path(target) as tmp:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cmdeploy import __version__
+from cmdeploy.hashing import file_sha256
 from cmdeploy.writers import SegmentedObject, label_values, object_points
 from cmdeploy.writers.atomic import atomic_write_text
 
@@ -67,15 +68,6 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "outputs": list,
 }
 _OBJECT_KEYS = ("label", "label_value", "slice_index", "area_px", "area_mm2", "points")
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_identifier(value: str) -> str:
@@ -161,7 +153,7 @@ def build_report(
     if model_path is not None:
         model["path"] = str(model_path)
         if model_sha256 is None and Path(model_path).is_file():
-            model["sha256"] = sha256_file(model_path)
+            model["sha256"] = file_sha256(model_path)
     if spec is not None:
         model["spec"] = spec.to_dict()
     report: dict[str, Any] = {

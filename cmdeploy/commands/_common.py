@@ -1,0 +1,89 @@
+"""Plumbing shared by the CLI commands: consoles, errors -> exit statuses, JSON of results.
+
+Exit statuses: 1 = a check failed (parity, accuracy gate), 2 = a bad input or option
+(:class:`~cmdeploy.errors.InputError`), 3 = a model or runtime failure. rich loads inside the
+functions, so command modules may import this one at their top without slowing ``cmdeploy --help``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+
+from cmdeploy.errors import InputError, ModelError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+EXIT_CHECK = 1
+EXIT_INPUT = 2
+EXIT_MODEL = 3
+# what a command reports as "model/runtime error" (exit 3) by default
+MODEL_ERRORS: tuple[type[BaseException], ...] = (ModelError, RuntimeError, MemoryError, OSError)
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    """Print ``error: <message>`` on stderr (plain text) and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def error_console() -> Console:
+    """The stderr console a command logs progress and errors on (no syntax highlighting)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def wide_console() -> Console:
+    """A stdout console; 160 columns when not a terminal (pipes, logs) so tables do not wrap."""
+    from rich.console import Console
+
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else max(probe.width, 160))
+
+
+@contextmanager
+def exit_on_error(
+    err: Console, *, model_errors: tuple[type[BaseException], ...] = MODEL_ERRORS
+) -> Iterator[None]:
+    """Run the block; on :class:`InputError` print ``error: ...`` and exit 2, on one of
+    ``model_errors`` print ``model/runtime error: ...`` and exit 3 (messages on ``err``, one
+    unwrapped line each, markup escaped)."""
+    from rich.markup import escape
+
+    try:
+        yield
+    except InputError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INPUT) from None
+    except model_errors as exc:
+        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_MODEL) from None
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` fallback for result files: non-finite floats -> null, NumPy -> lists/numbers,
+    anything else -> its ``str``."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+__all__ = [
+    "EXIT_CHECK",
+    "EXIT_INPUT",
+    "EXIT_MODEL",
+    "MODEL_ERRORS",
+    "error_console",
+    "exit_on_error",
+    "fail",
+    "json_default",
+    "wide_console",
+]
