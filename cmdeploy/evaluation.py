@@ -348,10 +348,15 @@ class Evaluation:
 
 
 def model_names(paths: Sequence[str | Path]) -> list[str]:
-    """Display names for models: file names without extension, made unique with ``#2``, ``#3``."""
+    """Display names for models: file names without extension; where two share a name, their
+    folder is prefixed (``runs/cm/model.onnx`` -> ``cm/model``); still-equal names get ``#2``, ``#3``."""
+    stems = [Path(p).stem for p in paths]
+    bases = [
+        f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 and Path(p).parent.name else stem
+        for p, stem in zip(paths, stems, strict=True)
+    ]
     names: list[str] = []
-    for p in paths:
-        base = Path(p).stem
+    for base in bases:
         name, k = base, 1
         while name in names:
             k += 1

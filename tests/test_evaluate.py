@@ -298,3 +298,11 @@ def test_evaluate_on_shared_thorax(identity_model_path: Path):
     assert all(o.area_mm2 == pytest.approx(o.area_px * 1.5 * 1.5) for o in ev.objects)
     sm = summarize(ev, seg.model_path.stem)
     assert 0.0 < sm.dice_label_mean <= 1.0 and sm.n_objects == len(ev.objects)
+
+
+def test_model_names_disambiguate_by_folder_then_counter():
+    from cmdeploy.evaluation import model_names
+
+    assert model_names(["a/x.onnx", "b/y.onnx"]) == ["x", "y"]
+    assert model_names(["runs/cm/model.onnx", "runs/ep/model.onnx"]) == ["cm/model", "ep/model"]
+    assert model_names(["m.onnx", "m.onnx"]) == ["m", "m#2"]
