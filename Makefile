@@ -33,8 +33,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+## bench: every benchmark in docs/results.md, on the shipped models (the data ones need ../shared)
+M := cmdeploy/models/cmdeploy-default
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_guidance.py
+	$(BIN)/python benchmarks/bench_int8.py --fp32 $(M).onnx --int8 $(M).int8.onnx --batches 1 16
+	$(BIN)/cmdeploy bench --model $(M).onnx --model $(M).int8.onnx --model $(M).fused.onnx
+	$(BIN)/python benchmarks/bench_infer.py --model $(M).onnx --model $(M).int8.onnx --data $(DATA)
+	test ! -f runs/compact_cm_all/best.pt || $(BIN)/python benchmarks/bench_export.py \
+		--checkpoint runs/compact_cm_all/best.pt --onnx $(M).onnx
 
 ## model: retrain the shipped default from ../shared/data (not part of CI; about 45 min on 2 cores).
 ## 1) the recipe, validated on a held-out patient; 2) the same recipe on both patients (shipped);
