@@ -172,3 +172,19 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
     ckpt = Checkpoint.load(tmp_path / "o" / "best.pt")
     assert ckpt.spec.channels == ("image", "cm", "ep") and ckpt.model_config.in_channels == 3
     assert ckpt.train_info["split"]["val"] == ["c2"] and math.isfinite(ckpt.metrics["val_dice"])
+
+
+@pytest.mark.slow
+def test_paper_config_takes_training_steps_on_cpu() -> None:
+    """The paper's ResNet-101 / 512 px configuration trains (slowly) on CPU: two real Adam steps."""
+    torch.manual_seed(0)
+    model = build_model(make_config("paper", 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=5e-4)
+    yy, xx = torch.meshgrid(torch.arange(512.0), torch.arange(512.0), indexing="ij")
+    disc = ((xx - 256) ** 2 + (yy - 256) ** 2 < 120.0**2).float()
+    y = torch.stack([disc, disc.flip(1)])
+    x = torch.cat([y[:, None] + 0.3 * torch.randn(2, 1, 512, 512), y[:, None]], dim=1)
+    before = model.head.classifier.weight.detach().clone()
+    losses = [train_step(model, opt, {"input": x, "mask": y[:, None]}, torch.device("cpu")) for _ in range(2)]
+    assert all(np.isfinite(losses)), losses
+    assert not torch.equal(before, model.head.classifier.weight)
