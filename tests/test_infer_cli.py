@@ -258,3 +258,39 @@ def test_infer_help() -> None:
         "--series-uid",
     ):
         assert opt in res.output
+
+
+def test_cli_help_and_demo_inference_run_without_torch(tmp_path: Path) -> None:
+    """`cmdeploy --help` and `cmdeploy infer` with the shipped model, in a process where torch cannot load."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from cmdeploy.models import default_model_path
+
+    try:
+        default_model_path()
+    except Exception:
+        pytest.skip("no shipped default model")
+    repo = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        from cmdeploy.cli import app
+        for argv in (["--help"], ["infer", "-i", {str(CT_SMALL)!r},
+                     "-p", {str(repo / "examples" / "ct_small_points.csv")!r},
+                     "-o", {str(tmp_path / "out")!r}, "--format", "png"]):
+            try:
+                app(argv, standalone_mode=False)
+            except SystemExit as exc:
+                assert exc.code in (0, None), exc.code
+        assert sys.modules["torch"] is None
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("ok")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["objects"]) == 2 and all(o["area_px"] > 0 for o in report["objects"])
