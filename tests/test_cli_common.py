@@ -58,3 +58,20 @@ def test_json_default() -> None:
     assert json_default(np.float32(0.5)) == 0.5
     assert json_default(math.inf) is None
     assert json_default(object).startswith("<class")
+
+
+def test_no_traceback_turns_unexpected_errors_into_exit_3(monkeypatch) -> None:
+    from cmdeploy.commands._common import no_traceback
+
+    err, buf = _console()
+    monkeypatch.delenv("CMDEPLOY_DEBUG", raising=False)
+    with pytest.raises(typer.Exit) as info, no_traceback(err):
+        raise AttributeError("no attribute 'PatientBirthDate'")
+    assert info.value.exit_code == 3
+    assert buf.getvalue().startswith("internal error: AttributeError: no attribute")
+    with pytest.raises(typer.Exit) as info, no_traceback(err):  # exits pass through untouched
+        raise typer.Exit(2)
+    assert info.value.exit_code == 2
+    monkeypatch.setenv("CMDEPLOY_DEBUG", "1")
+    with pytest.raises(AttributeError), no_traceback(err):
+        raise AttributeError("shown with its traceback")

@@ -184,3 +184,30 @@ def test_research_description_is_kept_within_64_chars() -> None:
     long = research_description("a" * 100)
     assert len(long) == 64 and long.endswith("research use only")
     assert research_description("Research Use Only masks") == "Research Use Only masks"
+
+
+def test_source_without_type2_patient_attributes(tmp_path) -> None:
+    """Exported/anonymised series often lack PatientBirthDate etc.; the SEG is still written, empty there,
+    and the source file is left untouched."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from cmdeploy.io import open_series
+    from cmdeploy.writers import ObjectMask
+    from cmdeploy.writers.dicom_seg import write_dicom_seg
+
+    hd = pytest.importorskip("highdicom")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    src = tmp_path / "src.dcm"
+    ds.save_as(src)
+    before = src.read_bytes()
+    series = open_series(src)
+    mask = np.zeros(series.shape, bool)
+    mask[40:60, 50:70] = True
+    write_dicom_seg(tmp_path / "seg.dcm", series, [ObjectMask(0, "aorta", mask)])
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert seg.PatientBirthDate == "" and [s.SegmentLabel for s in seg.SegmentSequence] == ["aorta"]
+    assert src.read_bytes() == before

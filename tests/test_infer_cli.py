@@ -294,3 +294,70 @@ def test_cli_help_and_demo_inference_run_without_torch(tmp_path: Path) -> None:
     assert proc.stdout.strip().endswith("ok")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["objects"]) == 2 and all(o["area_px"] > 0 for o in report["objects"])
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct-organs"
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED / "thorax_1p5mm").is_dir(), reason="../shared/data/ct-organs not present")
+def test_infer_on_a_dicom_series_written_from_shared_data(tmp_path: Path) -> None:
+    """A 12-slice DICOM series written here from the thorax case, segmented with the shipped model:
+    the DICOM SEG and the NIfTI agree with each other and with the reference masks."""
+    import importlib.util
+    import sys
+
+    import nibabel as nib
+
+    from cmdeploy.io import open_series
+    from cmdeploy.labels_to_points import open_label_volume
+    from cmdeploy.models import default_model_path
+
+    try:
+        default_model_path()
+    except Exception:
+        pytest.skip("no shipped default model")
+    highdicom = pytest.importorskip("highdicom")
+    spec = importlib.util.spec_from_file_location(
+        "bench_infer", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_infer.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_infer"] = bench
+    spec.loader.exec_module(bench)
+    built = bench.build_series(SHARED / "thorax_1p5mm", tmp_path / "series", 12, None)
+    out = tmp_path / "out"
+    res = _invoke("-i", built["dicom"], "-p", built["points"], "-o", out, "--format", "dicom-seg,nifti,png")
+    assert res.exit_code == 0, res.output
+
+    series = open_series(built["dicom"])
+    labels = nib.load(str(out / "labels.nii.gz"))
+    assert labels.shape[2] == series.num_slices == 12
+    report = json.loads((out / "report.json").read_text())
+    values = {name: v for name, v in report["labels"].items()} if "labels" in report else None
+    seg = highdicom.seg.segread(out / "seg.dcm")
+    seg_labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert {"aorta", "heart"} <= set(seg_labels)
+    # reference: the label slices the series was written from (same window of the volume)
+    ref_labels = open_label_volume(SHARED / "thorax_1p5mm" / "labels.nii.gz")
+    first_hu = series.slice_hu(0)
+    src = [k for k in range(ref_labels.num_slices) if np.array_equal(
+        np.clip(np.rint(open_series(SHARED / "thorax_1p5mm" / "image.nii.gz").slice_hu(k)), -32768, 32767),
+        first_hu)]
+    assert src, "could not locate the source slice"
+    aorta_id = 52
+    pred_vol = np.asarray(labels.dataobj)
+    ref_slices = [ref_labels.slice(src[0] + i) == aorta_id for i in range(12)]
+    uids = series.slice_uids
+    seg_number = seg_labels.index("aorta") + 1
+    inter = total = 0
+    for i, ref in enumerate(ref_slices):
+        pred_nifti = pred_vol[:, :, i].T > 0
+        frames = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[uids[i]], segment_numbers=[seg_number],
+            assert_missing_frames_are_empty=True,
+        )[0, :, :, 0].astype(bool)
+        assert not (frames & ~pred_nifti).any()  # the SEG's aorta lies inside the NIfTI's labels
+        inter += (frames & ref).sum()
+        total += frames.sum() + ref.sum()
+    assert values is None or "aorta" in values
+    assert total > 0 and 2 * inter / total > 0.85

@@ -66,6 +66,29 @@ def exit_on_error(
         raise typer.Exit(EXIT_MODEL) from None
 
 
+@contextmanager
+def no_traceback(err: Console) -> Iterator[None]:
+    """Turn any other exception into ``internal error: <type>: <message>`` and exit 3, so a
+    hospital script sees a one-line reason and a status instead of a traceback; set
+    ``CMDEPLOY_DEBUG=1`` to get the traceback."""
+    import os
+
+    from rich.markup import escape
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if os.environ.get("CMDEPLOY_DEBUG"):
+            raise
+        err.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+            "(CMDEPLOY_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_MODEL) from None
+
+
 def json_default(o: Any) -> Any:
     """``json.dumps`` fallback for result files: non-finite floats -> null, NumPy -> lists/numbers,
     anything else -> its ``str``."""
@@ -85,5 +108,6 @@ __all__ = [
     "exit_on_error",
     "fail",
     "json_default",
+    "no_traceback",
     "wide_console",
 ]

@@ -47,10 +47,10 @@ def infer(
     ),
 ) -> None:
     """Segment the objects of a points CSV (four extreme points each) on a CT series."""
-    from cmdeploy.commands._common import error_console, exit_on_error
+    from cmdeploy.commands._common import error_console, exit_on_error, no_traceback
 
     err = error_console()
-    with exit_on_error(err):
+    with no_traceback(err), exit_on_error(err):
         _infer(
             input_path,
             points,

@@ -63,6 +63,14 @@ def _highdicom() -> Any:
     return highdicom
 
 
+# Patient/study attributes that highdicom copies from the source images into the SEG. They are type 2
+# (must be present, may be empty) in CT images, yet exported or anonymised series often drop them.
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)
+
+
 def read_source_headers(series: Series) -> list[Any]:
     """The source datasets of ``series`` (no pixel data), in slice order, checked against it."""
     import pydicom
@@ -81,6 +89,9 @@ def read_source_headers(series: Series) -> list[Any]:
         uid = series.slice_uids[k]
         if uid is not None and str(ds.get("SOPInstanceUID", "")) != uid:
             raise InputError(f"'{f}': the file changed after the series was opened (other SOPInstanceUID)")
+        for keyword in _TYPE2_COPIED:  # type 2 in the source IODs, but often absent in real files
+            if keyword not in ds:
+                setattr(ds, keyword, "")  # in memory only: the input file is never modified
         datasets.append(ds)
     return datasets
 
