@@ -56,7 +56,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantType
 from cmdeploy.calibration import graph
 from cmdeploy.calibration.reader import DEFAULT_BATCH, SliceCalibrationReader, _OneBatch
 from cmdeploy.calibration.slices import SliceObject
-from cmdeploy.errors import ModelError
+from cmdeploy.errors import InputError, ModelError
 from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import ModelSpec
 from cmdeploy.writers.atomic import atomic_write_bytes
@@ -168,7 +168,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     """``onnx.load`` with a :class:`ModelError` naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ModelError(f"model '{p}' does not exist or is not a file")
+        raise InputError(f"model '{p}' does not exist or is not a file")
     try:
         return onnx.load(str(p))
     except Exception as exc:  # protobuf raises several types

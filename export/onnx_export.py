@@ -184,6 +184,14 @@ def model_card(ckpt: Any, checkpoint_sha256: str, graph: str) -> dict[str, str]:
     dice = ckpt.metrics.get("val_dice")
     if isinstance(dice, (int, float)):
         meta["cmdeploy.validation_dice"] = f"{float(dice):.6f}"
+    recipe = ckpt.metrics.get("validated_by")
+    if isinstance(recipe, dict):  # a final model trained on every case: say whose Dice that is
+        last = ckpt.metrics.get("last_epoch", {})
+        meta["cmdeploy.validation_source"] = (
+            f"recipe run validated on {recipe.get('split', {}).get('val')} (best epoch "
+            f"{ckpt.metrics.get('epoch')}; its last epoch: {last.get('val_dice', float('nan')):.6f}); "
+            "this model is the same recipe trained on all cases, the validation case included"
+        )
     return meta
 
 

@@ -304,6 +304,7 @@ def test_dynamic_slice_size_and_batch(fused_model) -> None:
     _check_against_numpy(ckpt, run, cases)
 
 
+@pytest.mark.shared_data
 @pytest.mark.skipif(shared_data_dir() is None, reason="needs ../shared/data/ct-organs")
 def test_fused_vs_numpy_on_shared_data(fused_model) -> None:
     ckpt, _, run, _ = fused_model
