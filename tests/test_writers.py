@@ -535,3 +535,19 @@ def test_label_values_first_appearance() -> None:
     m = np.zeros((2, 2), bool)
     objs = [ObjectMask(0, "b", m), ObjectMask(1, "a", m), ObjectMask(2, "b", m)]
     assert label_values(objs) == {"b": 1, "a": 2}
+
+
+def test_overlay_scale_enlarges_pixels_and_keeps_colours() -> None:
+    from cmdeploy.writers import ObjectMask
+    from cmdeploy.writers.png_overlay import render_overlay
+
+    hu = np.linspace(-300, 400, 20 * 30, dtype=np.float32).reshape(20, 30)
+    mask = np.zeros((20, 30), bool)
+    mask[5:12, 8:20] = True
+    obj = ObjectMask(0, "liver", mask)
+    plain = render_overlay(hu, [obj], draw_points=False, draw_labels=False)
+    big = render_overlay(hu, [obj], draw_points=False, draw_labels=False, scale=4)
+    assert big.shape == (80, 120, 3)
+    np.testing.assert_array_equal(big[::4, ::4], plain)  # every 4x4 block is the original pixel
+    with pytest.raises(ValueError, match="scale"):
+        render_overlay(hu, [obj], scale=0)

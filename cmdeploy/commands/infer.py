@@ -220,7 +220,9 @@ def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> N
         if "png" in formats:
             from cmdeploy.writers.png_overlay import write_series_overlays
 
-            write_series_overlays(out, series, objects, folder=OVERLAY_FOLDER, values=values, spec=seg.spec)
+            write_series_overlays(
+                out, series, objects, folder=OVERLAY_FOLDER, values=values, spec=seg.spec, min_side=512
+            )
         if "nifti" in formats:
             from cmdeploy.writers.nifti import write_nifti_labels
 

@@ -132,12 +132,15 @@ def render_overlay(
     contour_width: int = 1,
     draw_points: bool = True,
     draw_labels: bool = True,
+    scale: int = 1,
 ) -> np.ndarray:
-    """RGB uint8 (H, W, 3): the windowed slice with each object's mask, contour and extreme points.
+    """RGB uint8 (H*scale, W*scale, 3): the windowed slice with each object's mask, contour and
+    extreme points.
 
     ``objects`` are the objects of this slice (their ``slice_index`` is not used); ``values``
     (label -> 1-based value) fixes the colours, default :func:`label_values` of ``objects``. Later
-    objects are drawn over earlier ones.
+    objects are drawn over earlier ones. ``scale`` > 1 enlarges the pixels (nearest) before the
+    points and labels are drawn, so small slices stay readable.
     """
     from PIL import Image, ImageDraw
 
@@ -157,13 +160,18 @@ def render_overlay(
         color = np.asarray(color_for_value(values[str(obj.label)]), dtype=np.float32)
         rgb[mask] = rgb[mask] * (1 - a) + color * a
         rgb[mask_contour(mask, contour_width)] = color
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     img = Image.fromarray(np.rint(rgb).astype(np.uint8), mode="RGB")
     if draw_points or draw_labels:
         draw = ImageDraw.Draw(img)
-        r = _marker_radius((h, w))
+        r = _marker_radius((h * scale, w * scale))
         for obj, mask in zip(objects, masks, strict=True):
             color = color_for_value(values[str(obj.label)])
             pts = object_points(obj)
+            if pts is not None:  # pixel centre (x, y) -> centre of its enlarged block
+                pts = (np.asarray(pts, dtype=np.float64) + 0.5) * scale - 0.5
             if draw_points and pts is not None:
                 _draw_points(draw, pts, color, r)
             if draw_labels:
@@ -173,7 +181,7 @@ def render_overlay(
                     ys, xs = np.nonzero(mask)
                     if xs.size == 0:
                         continue
-                    anchor = (float(xs.min()), float(ys.min()))
+                    anchor = (float(xs.min()) * scale, float(ys.min()) * scale)
                 draw.text((anchor[0], max(anchor[1] - 12 - r, 0)), str(obj.label), fill=color)
     return np.asarray(img, dtype=np.uint8)
 
@@ -204,9 +212,13 @@ def write_series_overlays(
     *,
     folder: str = "overlays",
     values: Mapping[str, int] | None = None,
+    min_side: int = 0,
     **kwargs: Any,
 ) -> list[Path]:
     """One overlay PNG per annotated slice, ``<folder>/slice_0012.png`` (:func:`overlay_name`).
+
+    ``min_side`` > 0 enlarges small slices by an integer factor until the longer side is at least
+    that many pixels (readable labels on e.g. 128 x 128 slices); 0 keeps the slice's own size.
 
     ``out`` is an :class:`OutputDir` (files are staged, renamed on its commit) or a folder (each
     file written atomically). Slices are read one at a time from ``series``. Colours follow
@@ -216,8 +228,9 @@ def write_series_overlays(
     check_objects(objects, series.num_slices, series.shape)
     values = dict(values) if values is not None else label_values(objects)
     paths = []
+    scale = max(1, -(-int(min_side) // max(series.shape))) if min_side > 0 else 1
     for k, objs in objects_by_slice(objects).items():
-        data = png_bytes(render_overlay(series.slice_hu(k), objs, values=values, **kwargs))
+        data = png_bytes(render_overlay(series.slice_hu(k), objs, values=values, scale=scale, **kwargs))
         name = f"{folder}/{overlay_name(k)}" if folder else overlay_name(k)
         if isinstance(out, OutputDir):
             paths.append(out.write_bytes(name, data))
