@@ -32,7 +32,7 @@ import numpy as np
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.io.nifti import read_lps_volume
-from cmdeploy.labels_to_points import DEFAULT_CONNECTIVITY, DEFAULT_MIN_SIZE, connected_components
+from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE, label_components
 
 DEFAULT_MIN_PIXELS = DEFAULT_MIN_SIZE  # the shared definition of an object
 THRESHOLD_HU = 200.0  # unlabelled CT: objects are connected regions at or above this
@@ -147,22 +147,19 @@ def load_unlabelled(path: str | Path) -> CaseVolume:
 
 # ------------------------------------------------------------------------------ objects
 def slice_objects(case: CaseVolume, k: int, *, min_pixels: int = DEFAULT_MIN_PIXELS) -> list[SliceObject]:
-    """Every object of slice ``k`` (labelled: per label component; else HU-threshold components)."""
+    """Every object of slice ``k`` (labelled: per label component; else HU-threshold components).
+
+    Objects are :func:`cmdeploy.labels_to_points.label_components`, here in raster order of their
+    first pixel (the order fixed calibration sets and fingerprints were drawn in).
+    """
     hu = case.image[k]
     lab = case.labels[k] if case.labels is not None else (hu >= THRESHOLD_HU).astype(np.int32)
-    if not lab.any():
-        return []
-    comp, n = connected_components(lab, connectivity=DEFAULT_CONNECTIVITY)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)
     out = []
     seen: dict[int, int] = {}
-    for c in np.nonzero(sizes[1:] >= max(min_pixels, 2))[0] + 1:
-        mask = comp == c
-        label = int(lab[mask][0]) if case.labels is not None else 0
-        ys, xs = np.nonzero(mask)
-        if ys.min() == ys.max() and xs.min() == xs.max():
-            continue
-        seen[label] = seen.get(label, 0) + 1
+    for cp in sorted(label_components(lab, min_size=min_pixels), key=lambda c: c.first_pixel):
+        label = cp.label_id if case.labels is not None else 0
+        mask = cp.mask()
+        seen[label] = seen.get(label, 0) + 1  # numbered in raster order of the first pixel
         out.append(
             SliceObject(
                 source=f"{case.name}:z{k}:label{label}#{seen[label]}",

@@ -12,7 +12,7 @@ Data layout (the ``ct-organs`` layout):
 (same slice convention, so slice ``k`` of both are the same pixels, ``[y, x]``).
 
 Objects: on every slice, each selected label id is split into connected components
-(:func:`~cmdeploy.labels_to_points.connected_components`; by default 8-connectivity, i.e. edges
+(:func:`~cmdeploy.labels_to_points.label_components`; by default 8-connectivity, i.e. edges
 and corners); components under ``min_size`` pixels (default 25) and single pixels are dropped. This
 is the one definition of an object shared with ``points-from-labels`` and training
 (``DEFAULT_MIN_SIZE``/``DEFAULT_CONNECTIVITY`` in :mod:`cmdeploy.labels_to_points`). Each kept
@@ -49,7 +49,7 @@ from cmdeploy.guidance import extreme_points
 from cmdeploy.labels_to_points import (
     DEFAULT_CONNECTIVITY,
     DEFAULT_MIN_SIZE,
-    connected_components,
+    label_components,
     load_label_names,
     open_label_volume,
     resolve_label_ids,
@@ -243,44 +243,23 @@ def slice_objects(
 
     Ordered by label id, then size (largest first). See the module docstring for the rules.
     """
-    lab = np.asarray(labels)
-    if label_ids is not None:
-        lab = np.where(np.isin(lab, np.fromiter(label_ids, dtype=np.int64)), lab, 0)
-    if not lab.any():
-        return []
-    comp, n = connected_components(lab, connectivity=connectivity)
-    flat = comp.ravel()
-    sizes = np.bincount(flat, minlength=n + 1)
-    comp_label = np.zeros(n + 1, dtype=np.int64)
-    comp_label[flat] = lab.ravel()
-    ids = np.arange(1, n + 1)
-    keep = ids[sizes[1:] >= max(int(min_size), 1)]
-    keep = keep[np.lexsort((keep, -sizes[keep], comp_label[keep]))]
     px_area = None if spacing is None else float(spacing[0]) * float(spacing[1])
     out: list[tuple[EvalObject, np.ndarray]] = []
-    piece: dict[int, int] = {}
-    for cid in keep:
-        mask = comp == cid
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-        lid = int(comp_label[cid])
-        piece[lid] = piece.get(lid, 0) + 1
-        if y0 == y1 and x0 == x1:
-            continue  # a single pixel has no extent
-        rng = _object_rng(seed, case, slice_index, lid, piece[lid]) if jitter > 0 else None
+    for cp in label_components(labels, min_size=min_size, connectivity=connectivity, label_ids=label_ids):
+        lid, area = cp.label_id, cp.area_px
+        mask = cp.mask()
+        rng = _object_rng(seed, case, slice_index, lid, cp.piece) if jitter > 0 else None
         pts = extreme_points(mask, jitter=float(jitter), rng=rng)
-        area = int(sizes[cid])
         obj = EvalObject(
             case=case,
             slice_index=int(slice_index),
             label=names.get(lid, str(lid)) if names is not None else str(lid),
             label_id=lid,
-            piece=piece[lid],
+            piece=cp.piece,
             points=pts,
             area_px=area,
             area_mm2=None if px_area is None else area * px_area,
-            bbox=(y0, y1, x0, x1),
+            bbox=cp.bbox,
         )
         out.append((obj, mask))
     return out

@@ -16,9 +16,11 @@ id -> name map (default: the id as text). The largest component of a label on a 
 ``name``, the others ``name#2``, ``name#3``, ... in decreasing size, because the points CSV allows
 one (slice, label) pair per row; ``infer`` merges ``#k`` pieces back into ``name``.
 
-Connected components are computed in pure NumPy (no scipy): a vectorised union-find over the
-edges between equal neighbouring pixels (hook every root to the smaller root across an edge, then
-pointer-jump to full compression; repeat until no edge joins two trees).
+:func:`label_components` is the one enumeration of objects (used by ``points-from-labels``,
+evaluation and calibration). Connected components are computed in pure NumPy (no scipy): a
+vectorised union-find over the edges between equal neighbouring pixels (hook every root to the
+smaller root across an edge, then pointer-jump to full compression; repeat until no edge joins two
+trees).
 """
 
 from __future__ import annotations
@@ -91,6 +93,91 @@ def connected_components(labels: np.ndarray, *, connectivity: int = 4) -> tuple[
     return comp.reshape(h, w), int(uniq.size)
 
 
+@dataclass(frozen=True, eq=False)
+class Component:
+    """One object: a connected component of one label id on one (H, W) slice.
+
+    Attributes:
+        label_id: its value in the label slice.
+        piece: 1 for the label's largest component on the slice, 2 for the next, ... (ties: raster
+            order of the first pixel).
+        area_px: size in pixels.
+        first_pixel: flat raster index ``y * W + x`` of its first pixel (sort key for raster order).
+        bbox: ``(y0, y1, x0, x1)`` inclusive bounding box in slice pixels.
+        crop: bool ``(y1 - y0 + 1, x1 - x0 + 1)`` mask of the component inside ``bbox``.
+        shape: ``(H, W)`` of the slice.
+    """
+
+    label_id: int
+    piece: int
+    area_px: int
+    first_pixel: int
+    bbox: tuple[int, int, int, int]
+    crop: np.ndarray
+    shape: tuple[int, int]
+
+    def mask(self) -> np.ndarray:
+        """The component as a bool (H, W) slice mask."""
+        out = np.zeros(self.shape, dtype=bool)
+        y0, y1, x0, x1 = self.bbox
+        out[y0 : y1 + 1, x0 : x1 + 1] = self.crop
+        return out
+
+
+def label_components(
+    labels: np.ndarray,
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+    label_ids: Collection[int] | None = None,
+) -> list[Component]:
+    """The objects of one (H, W) integer label slice (0 = background): the one definition.
+
+    Each label id (only ``label_ids`` when given) is split into ``connectivity``-connected
+    components; components under ``min_size`` pixels and single pixels (no extent) are dropped.
+    Ordered by label id, then size (largest first), then raster order of the first pixel, i.e. by
+    ``(label_id, piece)``.
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"label slice must be 2-D (H, W), got shape {lab.shape}")
+    if label_ids is not None:
+        lab = np.where(np.isin(lab, np.fromiter(label_ids, dtype=np.int64)), lab, 0)
+    if not lab.any():
+        return []
+    comp, n = connected_components(lab, connectivity=connectivity)
+    h, w = lab.shape
+    ys, xs = np.nonzero(comp)
+    c = comp[ys, xs]
+    sizes = np.bincount(c, minlength=n + 1)
+    big = np.iinfo(np.int64).max
+    ymin, xmin, first = np.full(n + 1, big), np.full(n + 1, big), np.full(n + 1, big)
+    ymax, xmax = np.full(n + 1, -1), np.full(n + 1, -1)
+    np.minimum.at(ymin, c, ys)
+    np.minimum.at(xmin, c, xs)
+    np.maximum.at(ymax, c, ys)
+    np.maximum.at(xmax, c, xs)
+    np.minimum.at(first, c, ys.astype(np.int64) * w + xs)
+    comp_label = np.zeros(n + 1, dtype=np.int64)
+    comp_label[c] = lab[ys, xs]
+    ids = np.arange(1, n + 1)
+    keep = ids[sizes[1:] >= max(int(min_size), 2)]  # a single pixel has no extent
+    keep = keep[np.lexsort((keep, -sizes[keep], comp_label[keep]))]  # ids are in raster order
+    out: list[Component] = []
+    piece: dict[int, int] = {}
+    for k in keep:
+        y0, y1, x0, x1 = int(ymin[k]), int(ymax[k]), int(xmin[k]), int(xmax[k])
+        lid = int(comp_label[k])
+        piece[lid] = piece.get(lid, 0) + 1
+        out.append(
+            Component(
+                label_id=lid, piece=piece[lid], area_px=int(sizes[k]), first_pixel=int(first[k]),
+                bbox=(y0, y1, x0, x1), crop=comp[y0 : y1 + 1, x0 : x1 + 1] == k, shape=(h, w),
+            )
+        )
+    return out
+
+
 def points_from_label_slice(
     labels: np.ndarray,
     *,
@@ -100,42 +187,14 @@ def points_from_label_slice(
     min_size: int = DEFAULT_MIN_SIZE,
     connectivity: int = DEFAULT_CONNECTIVITY,
 ) -> list[PointsRow]:
-    """Rows for every kept component of one (H, W) label slice, ordered by label id then size."""
-    lab = np.asarray(labels)
-    if label_ids is not None:
-        lab = np.where(np.isin(lab, np.fromiter(label_ids, dtype=np.int64)), lab, 0)
-    comp, n = connected_components(lab, connectivity=connectivity)
-    if n == 0:
-        return []
-    ys, xs = np.nonzero(comp)
-    c = comp[ys, xs]
-    sizes = np.bincount(c, minlength=n + 1)
-    ymin = np.full(n + 1, np.iinfo(np.int64).max)
-    xmin = ymin.copy()
-    ymax = np.full(n + 1, -1)
-    xmax = ymax.copy()
-    np.minimum.at(ymin, c, ys)
-    np.minimum.at(xmin, c, xs)
-    np.maximum.at(ymax, c, ys)
-    np.maximum.at(xmax, c, xs)
-    comp_label = np.zeros(n + 1, dtype=np.int64)
-    comp_label[c] = lab[ys, xs]
-    ids = np.arange(1, n + 1)
-    keep = ids[sizes[1:] >= max(int(min_size), 1)]
-    keep = keep[np.lexsort((keep, -sizes[keep], comp_label[keep]))]  # label id, size desc, first
+    """Rows for every object (:func:`label_components`) of one (H, W) label slice, in its order."""
     rows: list[PointsRow] = []
-    piece: dict[int, int] = {}
-    for k in keep:
-        y0, y1, x0, x1 = ymin[k], ymax[k], xmin[k], xmax[k]
-        if y0 == y1 and x0 == x1:
-            continue  # a single pixel has no extent
-        pts = extreme_points(comp[y0 : y1 + 1, x0 : x1 + 1] == k)
-        pts = pts + np.array([x0, y0], dtype=np.float32)
-        lid = int(comp_label[k])
-        name = names.get(lid, str(lid)) if names is not None else str(lid)
-        piece[lid] = piece.get(lid, 0) + 1
-        if piece[lid] > 1:
-            name = f"{name}#{piece[lid]}"
+    for cp in label_components(labels, min_size=min_size, connectivity=connectivity, label_ids=label_ids):
+        y0, _, x0, _ = cp.bbox
+        pts = extreme_points(cp.crop) + np.array([x0, y0], dtype=np.float32)
+        name = names.get(cp.label_id, str(cp.label_id)) if names is not None else str(cp.label_id)
+        if cp.piece > 1:
+            name = f"{name}#{cp.piece}"
         rows.append(PointsRow(int(slice_index), name, pts.astype(np.float32)))
     return rows
 

@@ -244,4 +244,62 @@ def test_object_definition_is_shared_by_cli_training_and_library():
         params = inspect.signature(cmd).parameters
         assert params["min_size"].default.default == DEFAULT_MIN_SIZE
         assert params["connectivity"].default.default == DEFAULT_CONNECTIVITY
-    assert DEFAULT_CONNECTIVITY == 8  # train/data.py labels with scipy's 8-connected structure
+    assert DEFAULT_CONNECTIVITY == 8  # the paper's objects: 8-connected components
+
+
+def _agreement_volume() -> np.ndarray:
+    """(4, 40, 48) labels: pieces of one label, touching labels, a diagonal bridge, tiny bits."""
+    vol = np.zeros((4, 40, 48), np.int16)
+    vol[0, 2:12, 2:12] = 2  # 100 px, piece 1 of label 2
+    vol[0, 20:26, 30:36] = 2  # 36 px, piece 2
+    vol[0, 2:12, 12:20] = 5  # touches label 2 by an edge: a separate object
+    vol[0, 30:34, 2:6] = 5  # 16 px: under DEFAULT_MIN_SIZE
+    vol[0, 38, 46] = 3  # single pixel
+    vol[1, 5:11, 5:11] = 7
+    vol[1, 11:17, 11:17] = 7  # corner contact: one 8-connected object of 72 px
+    rng = np.random.default_rng(3)
+    vol[3] = np.where(rng.random((40, 48)) < 0.55, rng.integers(1, 3, (40, 48)), 0)  # ragged blobs
+    return vol  # slice 2 is empty
+
+
+def test_object_enumeration_agrees_across_callers() -> None:
+    """points-from-labels, evaluation, calibration and training see the same objects."""
+    from cmdeploy.calibration.slices import CaseVolume
+    from cmdeploy.calibration.slices import slice_objects as calibration_objects
+    from cmdeploy.evaluation import slice_objects as evaluation_objects
+    from cmdeploy.labels_to_points import label_components
+    from cmdeploy.train.data import slice_samples
+
+    vol = _agreement_volume()
+
+    def key(k: int, lid: int, area: int, pts: np.ndarray) -> tuple:
+        return (k, lid, area, tuple(np.asarray(pts, np.float32).ravel().tolist()))
+
+    ref = [
+        key(k, c.label_id, c.area_px, extreme_points(c.mask()))
+        for k in range(len(vol)) for c in label_components(vol[k])
+    ]
+    assert len(ref) == len(set(ref)) and {r[:3] for r in ref} >= {(0, 2, 100), (0, 2, 36), (1, 7, 72)}
+    assert not any(r[1] == 3 or (r[1] == 5 and r[2] == 16) for r in ref)  # single pixel, under min
+    assert sum(r[0] == 3 for r in ref) >= 2
+
+    found = [(k, o, m) for k in range(len(vol)) for o, m in evaluation_objects(vol[k], slice_index=k)]
+    assert all(int(m.sum()) == o.area_px for _, o, m in found)
+    ev = [key(k, o.label_id, o.area_px, o.points) for k, o, _ in found]
+    case = CaseVolume("syn", np.zeros(vol.shape, np.float32), vol)
+    cal = [
+        key(k, o.label, int(o.mask.sum()), o.points)
+        for k in range(len(vol)) for o in calibration_objects(case, k)
+    ]
+    tr = [
+        key(k, s.label, s.num_pixels, extreme_points(s.full_mask(vol.shape[1:])))
+        for k in range(len(vol))
+        for s in slice_samples(vol[k], volume=0, case="syn", slice_index=k, label_names={})
+    ]
+    pfl = [(r.slice_index, int(r.label.split("#")[0]), tuple(r.points.ravel().tolist()))
+           for r in points_from_label_volume(vol)]
+    assert ev == ref  # same order too: label id, then size
+    assert sorted(cal) == sorted(ref) and sorted(tr) == sorted(ref)
+    assert pfl == [(r[0], r[1], r[3]) for r in ref]
+    names = [r.label for r in points_from_label_volume(vol) if r.slice_index == 0]
+    assert names == ["2", "2#2", "5"]

@@ -27,14 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from cmdeploy.errors import InputError
-from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE
+from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE, label_components
 
 SEGTHOR_LABELS: dict[int, str] = {1: "esophagus", 2: "heart", 3: "trachea", 4: "aorta"}
 _NII = (".nii.gz", ".nii")
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -224,28 +222,27 @@ def slice_samples(
     labels_2d: np.ndarray, *, volume: int, case: str, slice_index: int,
     label_names: dict[int, str], min_pixels: int = DEFAULT_MIN_SIZE,
 ) -> list[Sample]:
-    """Samples of one (H, W) label slice: every 8-connected component with >= ``min_pixels``."""
+    """Samples of one (H, W) label slice: its :func:`cmdeploy.labels_to_points.label_components`.
+
+    Ordered by label id, then raster order of each component's first pixel (the order of
+    ``scipy.ndimage.label`` per label, which earlier versions used: sample order, and so seeded
+    training, is unchanged). Single pixels are never samples.
+    """
+    comps = label_components(labels_2d, min_size=min_pixels)
     out: list[Sample] = []
-    ids = np.unique(labels_2d)
-    for lab in ids[ids > 0]:
-        comp, n = ndimage.label(labels_2d == lab, structure=_EIGHT)
-        if n == 0:
-            continue
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)
-        for k, sl in enumerate(ndimage.find_objects(comp), start=1):
-            if sl is None or sizes[k] < min_pixels:
-                continue
-            out.append(
-                Sample(
-                    volume=volume,
-                    case=case,
-                    slice_index=slice_index,
-                    label=int(lab),
-                    label_name=label_names.get(int(lab), f"label_{int(lab)}"),
-                    bbox=(sl[0].start, sl[0].stop, sl[1].start, sl[1].stop),
-                    mask=comp[sl] == k,
-                )
+    for cp in sorted(comps, key=lambda c: (c.label_id, c.first_pixel)):
+        y0, y1, x0, x1 = cp.bbox
+        out.append(
+            Sample(
+                volume=volume,
+                case=case,
+                slice_index=slice_index,
+                label=cp.label_id,
+                label_name=label_names.get(cp.label_id, f"label_{cp.label_id}"),
+                bbox=(y0, y1 + 1, x0, x1 + 1),
+                mask=cp.crop,
             )
+        )
     return out
 
 
