@@ -75,3 +75,13 @@ def test_no_traceback_turns_unexpected_errors_into_exit_3(monkeypatch) -> None:
     monkeypatch.setenv("CMDEPLOY_DEBUG", "1")
     with pytest.raises(AttributeError), no_traceback(err):
         raise AttributeError("shown with its traceback")
+
+
+def test_require_names_the_extra_without_importing(capsys) -> None:
+    from cmdeploy.commands._common import require
+
+    require("json", "dev", "anything")  # installed: no exit
+    with pytest.raises(typer.Exit) as info:
+        require("no_such_module_xyz", "train", "training")
+    assert info.value.exit_code == 2
+    assert "training needs no_such_module_xyz: pip install 'cmdeploy[train]'" in capsys.readouterr().err

@@ -26,6 +26,15 @@ EXIT_MODEL = 3
 MODEL_ERRORS: tuple[type[BaseException], ...] = (ModelError, RuntimeError, MemoryError, OSError)
 
 
+def require(module: str, extra: str, what: str) -> None:
+    """Exit 2 with ``<what> needs <module>: pip install 'cmdeploy[<extra>]'`` when ``module`` is not
+    installed; checked without importing it (the runtime package never imports torch itself)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        fail(f"{what} needs {module}: pip install 'cmdeploy[{extra}]'")
+
+
 def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """Print ``error: <message>`` on stderr (plain text) and exit with ``code``."""
     typer.echo(f"error: {message}", err=True)
@@ -109,5 +118,6 @@ __all__ = [
     "fail",
     "json_default",
     "no_traceback",
+    "require",
     "wide_console",
 ]

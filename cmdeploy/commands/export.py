@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cmdeploy.commands._common import EXIT_CHECK, fail
+from cmdeploy.commands._common import EXIT_CHECK, fail, require
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -61,10 +61,7 @@ def export(
         )
     if output.suffix.lower() != ".onnx":
         fail(f"--output must end in .onnx, got {output}")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        fail("export needs torch: pip install 'cmdeploy[train,export]'")
+    require("torch", "train,export", "export")
 
     from cmdeploy.errors import InputError, ModelError
     from cmdeploy.export.parity import ParityError

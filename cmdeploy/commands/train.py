@@ -45,12 +45,9 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
-    from cmdeploy.commands._common import fail
+    from cmdeploy.commands._common import fail, require
 
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        fail("training needs the 'train' extra (torch): pip install 'cmdeploy[train]'")
+    require("torch", "train", "training")
     from cmdeploy.errors import InputError
     from cmdeploy.spec import GUIDANCE_MODES
     from cmdeploy.train.loop import TrainConfig, format_metrics, run_training
