@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cmdeploy.annotator import CLICK_PROTOCOLS, DEFAULT_ANNOTATOR, ClickModel, object_clicks
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.labels_to_points import (
@@ -238,18 +239,26 @@ def slice_objects(
     jitter: float = 0.0,
     seed: int = 0,
     spacing: tuple[float, float] | None = None,
+    clicks: str = "exact",
+    click_model: ClickModel = DEFAULT_ANNOTATOR,
 ) -> list[tuple[EvalObject, np.ndarray]]:
     """The objects of one (H, W) label slice with their bool (H, W) reference masks.
 
     Ordered by label id, then size (largest first). See the module docstring for the rules.
+    ``clicks="annotator"`` draws the points from :mod:`cmdeploy.annotator` with ``click_model``
+    (hand error in mm through ``spacing``, 1 mm per pixel when None) instead of the exact extremes.
     """
     px_area = None if spacing is None else float(spacing[0]) * float(spacing[1])
     out: list[tuple[EvalObject, np.ndarray]] = []
     for cp in label_components(labels, min_size=min_size, connectivity=connectivity, label_ids=label_ids):
         lid, area = cp.label_id, cp.area_px
         mask = cp.mask()
-        rng = _object_rng(seed, case, slice_index, lid, cp.piece) if jitter > 0 else None
-        pts = extreme_points(mask, jitter=float(jitter), rng=rng)
+        if clicks == "annotator":
+            rng = _object_rng(seed, case, slice_index, lid, cp.piece)
+            pts = object_clicks(mask, "annotator", spacing_xy=spacing, model=click_model, rng=rng)
+        else:
+            rng = _object_rng(seed, case, slice_index, lid, cp.piece) if jitter > 0 else None
+            pts = extreme_points(mask, jitter=float(jitter), rng=rng)
         obj = EvalObject(
             case=case,
             slice_index=int(slice_index),
@@ -370,6 +379,8 @@ def evaluate(
     min_size: int = DEFAULT_MIN_SIZE,
     connectivity: int = DEFAULT_CONNECTIVITY,
     chunk: int = 64,
+    clicks: str = "exact",
+    click_model: ClickModel = DEFAULT_ANNOTATOR,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Evaluation:
     """Segment every reference object of ``cases`` with every model and score it.
@@ -380,7 +391,9 @@ def evaluate(
         names: display name per model (default :func:`model_names` of their paths).
         labels: label names or ids to evaluate (default: every label present).
         jitter: click noise in pixels (uniform in [-jitter, jitter] per coordinate), 0 = exact.
-        seed: seed of the jitter.
+        seed: seed of the jitter and of the simulated annotator.
+        clicks: ``"exact"`` (extreme pixels, plus ``jitter``) or ``"annotator"``
+            (:mod:`cmdeploy.annotator` with ``click_model``; ``jitter`` must then be 0).
         min_size: smallest component kept, pixels (default 25); connectivity: 4 or 8 (default 8).
         chunk: objects per :meth:`Segmenter.predict_batch` call (each model batches inside it).
         progress: ``progress(case_name, slices_done, num_slices)`` after every slice.
@@ -391,6 +404,10 @@ def evaluate(
         raise InputError(f"--jitter must be >= 0 pixels, got {jitter}")
     if connectivity not in (4, 8):
         raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
+    if clicks not in CLICK_PROTOCOLS:
+        raise InputError(f"--clicks must be one of {', '.join(CLICK_PROTOCOLS)}, got {clicks!r}")
+    if clicks == "annotator" and jitter > 0:
+        raise InputError("--jitter applies to exact clicks; the annotator has its own hand error")
     names = list(names) if names is not None else model_names([s.model_path for s in segmenters])
     if len(names) != len(segmenters) or len(set(names)) != len(names):
         raise InputError(f"need one distinct name per model, got {names}")
@@ -411,7 +428,8 @@ def evaluate(
         for k in range(n_slices):
             found = slice_objects(
                 oc.labels.slice(k), case=oc.case.name, slice_index=k, names=oc.names, label_ids=ids,
-                min_size=min_size, connectivity=connectivity, jitter=jitter, seed=seed, spacing=spacing,
+                min_size=min_size, connectivity=connectivity, jitter=jitter, seed=seed,
+                spacing=oc.spacing, clicks=clicks, click_model=click_model,
             )
             if found:
                 image = oc.series.slice_hu(k)
@@ -430,6 +448,8 @@ def evaluate(
         distance_unit=unit,
         settings={
             "jitter_px": float(jitter),
+            "clicks": clicks,
+            "click_model": click_model.to_dict() if clicks == "annotator" else None,
             "seed": int(seed),
             "min_size_px": int(min_size),
             "connectivity": int(connectivity),
@@ -747,8 +767,12 @@ def markdown_report(
         f"- cases: {', '.join(c.name for c in ev.cases)}; objects: {len(ev.objects)} "
         f"(connected components >= {st.get('min_size_px')} px, {st.get('connectivity')}-connected)",
         f"- labels: {', '.join(ev.labels()) or '-'}",
-        f"- extreme points from the reference masks, jitter {st.get('jitter_px', 0):g} px "
-        f"(seed {st.get('seed')})",
+        (
+            f"- clicks: simulated annotator {st['click_model']} (seed {st.get('seed')})"
+            if st.get("clicks") == "annotator"
+            else f"- extreme points from the reference masks, jitter {st.get('jitter_px', 0):g} px "
+            f"(seed {st.get('seed')})"
+        ),
         "- models: " + "; ".join(f"{m} ({r.path.name}, {r.backend})" for m, r in ev.runs.items()),
         "- Dice in %, mean ± std (ddof 0) over objects; HD95 = max of the two directed 95th "
         f"percentile surface distances, in {ev.distance_unit}, over objects with a non-empty prediction.",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmdeploy.annotator import ClickModel, annotator_points
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.points_csv import PointsRow
@@ -186,12 +187,24 @@ def points_from_label_slice(
     label_ids: Collection[int] | None = None,
     min_size: int = DEFAULT_MIN_SIZE,
     connectivity: int = DEFAULT_CONNECTIVITY,
+    simulate: ClickModel | None = None,
+    spacing_xy: tuple[float, float] | None = None,
+    seed: int = 0,
 ) -> list[PointsRow]:
-    """Rows for every object (:func:`label_components`) of one (H, W) label slice, in its order."""
+    """Rows for every object (:func:`label_components`) of one (H, W) label slice, in its order.
+
+    ``simulate``: draw each object's points from the simulated annotator (:mod:`cmdeploy.annotator`,
+    hand error in mm through ``spacing_xy``) with a generator seeded by ``(seed, slice, label id,
+    piece)``, instead of the exact extreme points.
+    """
     rows: list[PointsRow] = []
     for cp in label_components(labels, min_size=min_size, connectivity=connectivity, label_ids=label_ids):
         y0, _, x0, _ = cp.bbox
-        pts = extreme_points(cp.crop) + np.array([x0, y0], dtype=np.float32)
+        if simulate is not None:
+            rng = np.random.default_rng([int(seed), int(slice_index), cp.label_id, cp.piece])
+            pts = annotator_points(cp.mask(), spacing_xy, simulate, rng)
+        else:
+            pts = extreme_points(cp.crop) + np.array([x0, y0], dtype=np.float32)
         name = names.get(cp.label_id, str(cp.label_id)) if names is not None else str(cp.label_id)
         if cp.piece > 1:
             name = f"{name}#{cp.piece}"
@@ -207,12 +220,16 @@ def points_from_label_volume(
     min_size: int = DEFAULT_MIN_SIZE,
     connectivity: int = DEFAULT_CONNECTIVITY,
     on_slice: Callable[[int], None] | None = None,
+    simulate: ClickModel | None = None,
+    spacing_xy: tuple[float, float] | None = None,
+    seed: int = 0,
 ) -> list[PointsRow]:
     """Rows for every kept component on every slice.
 
     ``slices`` is an (N, H, W) integer array (slice k = ``slices[k]``) or an iterable of
     ``(slice_index, (H, W) array)`` such as :meth:`LabelVolume.iter_slices`. ``on_slice(k)`` is
-    called after each slice (for progress bars).
+    called after each slice (for progress bars). ``simulate``, ``spacing_xy``, ``seed``: see
+    :func:`points_from_label_slice`.
     """
     if isinstance(slices, np.ndarray):
         if slices.ndim != 3:
@@ -225,7 +242,8 @@ def points_from_label_volume(
         rows.extend(
             points_from_label_slice(
                 lab, slice_index=k, names=names, label_ids=label_ids,
-                min_size=min_size, connectivity=connectivity,
+                min_size=min_size, connectivity=connectivity, simulate=simulate,
+                spacing_xy=spacing_xy, seed=seed,
             )
         )
         if on_slice is not None:
@@ -235,12 +253,16 @@ def points_from_label_volume(
 
 @dataclass(frozen=True, eq=False)
 class LabelVolume:
-    """A lazily read label volume: ``num_slices`` slices of ``shape`` (H, W) integer ids."""
+    """A lazily read label volume: ``num_slices`` slices of ``shape`` (H, W) integer ids.
+
+    ``spacing_xy_mm``: (column, row) pixel spacing in mm, None when unknown (``.npy``).
+    """
 
     path: Path
     num_slices: int
     shape: tuple[int, int]
     loader: Callable[[int], np.ndarray] = field(repr=False)
+    spacing_xy_mm: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return self.num_slices
@@ -275,7 +297,10 @@ def open_label_volume(path: str | Path) -> LabelVolume:
 
         img, orientation = open_nifti(p)
         x, y, z = orientation.shape
-        return LabelVolume(p, z, (y, x), lambda k: nifti_slice(img, orientation, k, p))
+        return LabelVolume(
+            p, z, (y, x), lambda k: nifti_slice(img, orientation, k, p),
+            orientation.spacing_xy_mm(img.affine),
+        )
     if name.endswith(".npy"):
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)

@@ -173,6 +173,29 @@ def test_jitter_is_seeded_and_selection_independent(data_root: Path):
         evaluate([FakeSegmenter()], cases, labels=["liver"])
 
 
+def test_annotator_clicks_are_seeded_in_mm_and_refuse_jitter(data_root: Path):
+    """--clicks annotator: points from cmdeploy.annotator, seeded per object, hand error in mm."""
+    from cmdeploy.annotator import ClickModel
+
+    cases = find_cases(data_root)
+    model = ClickModel(tolerance_px=2.0, jitter_mm=1.6)
+    a = evaluate([FakeSegmenter()], cases, clicks="annotator", click_model=model, seed=3)
+    b = evaluate([FakeSegmenter()], cases, clicks="annotator", click_model=model, seed=3)
+    exact = evaluate([FakeSegmenter()], cases)
+    pa = np.stack([o.points for o in a.objects])
+    np.testing.assert_array_equal(pa, np.stack([o.points for o in b.objects]))
+    pe = np.stack([o.points for o in exact.objects])
+    assert not np.array_equal(pa, pe)
+    # the extreme coordinate moves by at most the band + the hand error in pixels (x: 0.8 mm, y: 1.2 mm)
+    assert np.abs(pa[:, :2, 0] - pe[:, :2, 0]).max() <= 2.0 + 1.6 / ZOOMS[0] + 1e-4
+    assert np.abs(pa[:, 2:, 1] - pe[:, 2:, 1]).max() <= 2.0 + 1.6 / ZOOMS[1] + 1e-4
+    assert a.settings["clicks"] == "annotator" and a.settings["click_model"]["jitter_mm"] == 1.6
+    with pytest.raises(InputError, match="jitter"):
+        evaluate([FakeSegmenter()], cases, clicks="annotator", jitter=1.0)
+    with pytest.raises(InputError, match="--clicks"):
+        evaluate([FakeSegmenter()], cases, clicks="sloppy")
+
+
 def test_reconstruct_matches_scored_object(data_root: Path):
     seg = FakeSegmenter()
     ev = evaluate([seg], find_cases(data_root))

@@ -303,3 +303,26 @@ def test_object_enumeration_agrees_across_callers() -> None:
     assert pfl == [(r[0], r[1], r[3]) for r in ref]
     names = [r.label for r in points_from_label_volume(vol) if r.slice_index == 0]
     assert names == ["2", "2#2", "5"]
+
+
+def test_cli_simulate_writes_annotator_clicks(tmp_path) -> None:
+    """--simulate: the points are the simulated annotator's (seeded per object), not the extremes."""
+    from cmdeploy.annotator import ClickModel, annotator_points
+
+    vol = np.zeros((1, 40, 40), np.uint8)
+    vol[0, 5:30, 8:35] = 1
+    np.save(tmp_path / "lab.npy", vol)
+    np.save(tmp_path / "ct.npy", np.zeros((1, 40, 40), np.float32))
+    runner = CliRunner()
+    exact_csv, sim_csv = tmp_path / "exact.csv", tmp_path / "sim.csv"
+    assert runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(exact_csv)]).exit_code == 0
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(sim_csv), "--simulate",
+                                 "--click-tolerance", "2", "--click-jitter-mm", "1.5", "--seed", "7"])
+    assert res.exit_code == 0, res.output
+    series = open_series(tmp_path / "ct.npy")
+    exact = read_points_csv(exact_csv, series)[0].points
+    sim = read_points_csv(sim_csv, series)[0].points
+    want = annotator_points(vol[0] == 1, None, ClickModel(2.0, 1.5), np.random.default_rng([7, 0, 1, 1]))
+    np.testing.assert_allclose(sim, want, atol=1e-3)
+    assert not np.allclose(sim, exact)
+    assert abs(sim[0, 0] - exact[0, 0]) <= 2.0 + 1.5 and abs(sim[2, 1] - exact[2, 1]) <= 2.0 + 1.5

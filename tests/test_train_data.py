@@ -261,3 +261,47 @@ def test_ct_organs_cases_and_samples() -> None:
     samples = build_samples([vol])
     assert len(samples) > 1000
     assert "liver" in {s.label_name for s in samples}
+
+
+def test_annotator_clicks_in_training_samples() -> None:
+    """annotator_p = 1: points are simulated clicks (near, not at, the extremes), mask unchanged."""
+    from cmdeploy.train.augment import ROBUST_AUGMENT
+
+    h, w = 60, 70
+    mask = np.zeros((h, w), bool)
+    mask[15:45, 10:60] = True  # flat sides: clicks spread along them
+    slice_hu = np.where(mask, 100.0, -100.0).astype(np.float32)
+    box = mask[15:45, 10:60]
+    base = dict(rotation_deg=0.0, flip_p=0.0, scale_range=(1.0, 1.0), blur_p=0, resample_p=0, noise_p=0,
+                hu_p=0, gamma_p=0)
+    exact_cfg = AugmentConfig(**base, jitter_px=0.0)
+    click_cfg = AugmentConfig(
+        **base, annotator_p=1.0, click_tolerance_px=(2.0, 2.0), click_jitter_mm=(0.0, 0.0)
+    )
+    rows = []
+    for seed in range(20):
+        ex = training_sample(slice_hu, box, (10, 15), SPEC, exact_cfg, np.random.default_rng(seed))
+        ck = training_sample(slice_hu, box, (10, 15), SPEC, click_cfg, np.random.default_rng(seed),
+                             spacing_xy=(0.7, 0.7))
+        z = float(ck["zoom"])
+        # left x within the 2 px band of the extreme (crop px = slice px * zoom), on the flat side
+        t_crop = ck["points"][0, 0] - (ck["matrix"][0, 2] + 10 * ck["matrix"][0, 0])
+        assert -1e-3 <= t_crop <= 2.0 * z + 1e-3
+        rows.append(float(ck["points"][0, 1]))
+        assert ex["mask"].sum() > 0
+    assert np.ptp(rows) > 0.2 * SPEC.input_size  # the left click moves along the flat side
+    assert ROBUST_AUGMENT.annotator_p > 0.5
+
+
+def test_find_cases_in_several_roots(tmp_path: Path) -> None:
+    from cmdeploy.train.data import find_cases_in
+
+    a = generic_dataset(tmp_path / "a", n=2)
+    b = generic_dataset(tmp_path / "b", n=1)
+    with pytest.raises(InputError, match="both"):
+        find_cases_in([a, b])  # same case names in both
+    (tmp_path / "c").mkdir()
+    for p in Path(b).iterdir():
+        (tmp_path / "c" / p.name.replace("case", "other")).symlink_to(p)
+    names = [c.name for c in find_cases_in([a, tmp_path / "c"])]
+    assert len(names) == 3 and len(set(names)) == 3

@@ -6,8 +6,11 @@ Geometry (all coordinates ``(x, y)`` = (column, row), pixel centres at integers)
    U(-30, 30) degrees (screen counter-clockwise) and a horizontal flip with p = 0.5.
 2. The component's pixel centres are mapped through ``A``; their extreme coordinates give the
    augmented extreme points (the same pixel-centre convention as
-   :func:`cmdeploy.guidance.extreme_points` at run time), plus annotator jitter
-   U(-j, j) slice pixels per coordinate, ``j = min(jitter_px, jitter_frac * object extent)``.
+   :func:`cmdeploy.guidance.extreme_points` at run time), plus jitter U(-j, j) slice pixels per
+   coordinate, ``j = min(jitter_px, jitter_frac * object extent)``; or, with probability
+   ``annotator_p``, the clicks of the simulated annotator (:mod:`cmdeploy.annotator`, the same one
+   ``cmdeploy evaluate --clicks annotator`` uses) with its tolerance band and hand error drawn from
+   ``click_tolerance_px`` and ``click_jitter_mm``.
 3. ``T`` = :func:`cmdeploy.geometry.crop_transform` of those points with ``b_m`` drawn from
    ``spec.train_target_range`` times a scale U(0.9, 1.1) (scaling *after* the zoom normalisation,
    otherwise the zoom would cancel it). The total map is ``T o A``; image (bilinear, ``pad_hu``
@@ -15,9 +18,11 @@ Geometry (all coordinates ``(x, y)`` = (column, row), pixel centres at integers)
    are ``T(points)``, so image, mask and points share one transform.
 
 Intensity (generalisation to other scanners, spacings and contrast phases), on the HU crop:
-blur or down/up-resampling at the slice-pixel scale (a coarser scanner), Gaussian noise correlated
-at the slice-pixel scale (sigma U(0, 30) HU), HU scale U(0.9, 1.1) and shift U(-40, 40); after
-windowing an occasional gamma. Validation uses none of this (see :mod:`cmdeploy.train.data`).
+blur, or down/up-resampling to a pixel spacing drawn from ``resample_mm`` (when it is coarser than
+the slice's own spacing; a factor from ``resample_factor`` when the spacing is unknown), Gaussian
+noise correlated at the slice-pixel scale (sigma U(0, 30) HU), HU scale U(0.9, 1.1) and shift
+U(-40, 40) (``hu_shift``); after windowing an occasional gamma. Validation uses none of this
+(see :mod:`cmdeploy.train.data`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from cmdeploy.annotator import ClickModel, simulate_clicks
 from cmdeploy.geometry import compose_affine, crop_transform, sample_bilinear, warp_affine
 from cmdeploy.preprocess import guidance_channels, window_normalize
 from cmdeploy.spec import ModelSpec
@@ -45,6 +51,7 @@ class AugmentConfig:
     blur_sigma_px: tuple[float, float] = (0.3, 0.8)
     resample_p: float = 0.2
     resample_factor: tuple[float, float] = (1.3, 2.0)
+    resample_mm: tuple[float, float] = (0.6, 3.0)
     noise_p: float = 0.5
     noise_sigma_hu: tuple[float, float] = (0.0, 30.0)
     hu_p: float = 0.8
@@ -52,6 +59,9 @@ class AugmentConfig:
     hu_scale: tuple[float, float] = (0.9, 1.1)
     gamma_p: float = 0.2
     gamma_log_range: float = 0.3
+    annotator_p: float = 0.0
+    click_tolerance_px: tuple[float, float] = (0.0, 4.0)
+    click_jitter_mm: tuple[float, float] = (0.0, 4.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +69,12 @@ class AugmentConfig:
 
 NO_AUGMENT = AugmentConfig(
     rotation_deg=0.0, flip_p=0.0, scale_range=(1.0, 1.0), jitter_px=0.0, jitter_frac=0.0,
-    blur_p=0.0, resample_p=0.0, noise_p=0.0, hu_p=0.0, gamma_p=0.0,
+    blur_p=0.0, resample_p=0.0, noise_p=0.0, hu_p=0.0, gamma_p=0.0, annotator_p=0.0,
 )
+
+#: The robust recipe's augmentation: simulated annotator clicks on 80 % of samples, spacing
+#: resampling on 30 %, wider HU offsets (``cmdeploy train --clicks annotator``, the default).
+ROBUST_AUGMENT = AugmentConfig(annotator_p=0.8, resample_p=0.3, hu_shift=(-60.0, 60.0))
 
 
 def augmentation_affine(centre: np.ndarray, rotation_deg: float, flip: bool) -> np.ndarray:
@@ -130,9 +144,17 @@ def _coarse_noise(size: int, step: float, sigma: float, rng: np.random.Generator
 
 
 def augment_hu(
-    crop_hu: np.ndarray, zoom: float, cfg: AugmentConfig, rng: np.random.Generator
+    crop_hu: np.ndarray,
+    zoom: float,
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    spacing_mm: float | None = None,
 ) -> np.ndarray:
-    """Intensity augmentation of an (S, S) HU crop whose slice pixels are ``zoom`` crop pixels wide."""
+    """Intensity augmentation of an (S, S) HU crop whose slice pixels are ``zoom`` crop pixels wide.
+
+    ``spacing_mm``: the slice's in-plane pixel spacing (mean of x and y); the resampling branch then
+    simulates a pixel spacing drawn from ``cfg.resample_mm``.
+    """
     out = crop_hu
     s = out.shape[0]
     r = rng.random()
@@ -140,7 +162,11 @@ def augment_hu(
         sigma = rng.uniform(*cfg.blur_sigma_px) * zoom
         out = ndimage.gaussian_filter(out, sigma, mode="nearest")
     elif r < cfg.blur_p + cfg.resample_p:
-        step = rng.uniform(*cfg.resample_factor) * zoom  # crop pixels per coarse pixel
+        if spacing_mm is not None and spacing_mm > 0:
+            factor = rng.uniform(*cfg.resample_mm) / spacing_mm
+        else:
+            factor = rng.uniform(*cfg.resample_factor)
+        step = factor * zoom  # crop pixels per coarse pixel
         if step > 1.2:
             n = int(np.ceil((s - 1) / step)) + 1
             grid = np.arange(n, dtype=np.float64) * step
@@ -173,6 +199,7 @@ def training_sample(
     spec: ModelSpec,
     cfg: AugmentConfig,
     rng: np.random.Generator,
+    spacing_xy: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """One augmented training example.
 
@@ -183,6 +210,8 @@ def training_sample(
         spec: model spec (input size, guidance, window, ``train_target_range``, ``pad_hu``).
         cfg: augmentation parameters.
         rng: the sample's random generator.
+        spacing_xy: pixel spacing (x, y) of the slice in mm (simulated clicks' hand error, spacing
+            resampling); None = unknown (1 mm for clicks, ``resample_factor`` for resampling).
 
     Returns:
         ``input`` (C, S, S) float32, ``mask`` (1, S, S) float32 in {0, 1}, ``points`` (4, 2)
@@ -197,9 +226,15 @@ def training_sample(
     flip = bool(rng.random() < cfg.flip_p)
     aug = augmentation_affine(centre, rot, flip)
     moved = coords @ aug[:, :2].T + aug[:, 2]
-    pts = cloud_extreme_points(moved)
-    extent = float((moved.max(axis=0) - moved.min(axis=0)).max())
-    pts = jitter_points(pts, min(cfg.jitter_px, cfg.jitter_frac * extent), rng)
+    if cfg.annotator_p > 0 and rng.random() < cfg.annotator_p:
+        clicks = ClickModel(
+            tolerance_px=rng.uniform(*cfg.click_tolerance_px), jitter_mm=rng.uniform(*cfg.click_jitter_mm)
+        )
+        pts = simulate_clicks(moved, spacing_xy, clicks, rng)
+    else:
+        pts = cloud_extreme_points(moved)
+        extent = float((moved.max(axis=0) - moved.min(axis=0)).max())
+        pts = jitter_points(pts, min(cfg.jitter_px, cfg.jitter_frac * extent), rng)
     lo_t, hi_t = spec.train_target_range
     target = rng.uniform(lo_t, hi_t) * rng.uniform(*cfg.scale_range)
     crop_t = crop_transform(pts, s, target)
@@ -211,7 +246,8 @@ def training_sample(
     mask_m = compose_affine(total, _translate(x0 - 1, y0 - 1))
     mask = warp_affine(padded, mask_m, (s, s), fill=0.0) > 0.5
 
-    crop_hu = augment_hu(crop_hu, zoom, cfg, rng)
+    spacing_mm = None if spacing_xy is None else float(np.mean(spacing_xy))
+    crop_hu = augment_hu(crop_hu, zoom, cfg, rng, spacing_mm)
     image = image_channel(crop_hu, spec, cfg, rng)
     pts_crop = crop_t.to_crop(pts)
     guide = guidance_channels(pts_crop[None], spec)[0]

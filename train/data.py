@@ -195,6 +195,25 @@ def find_cases(path: str | Path) -> list[Case]:
     return sorted(cases, key=lambda c: c.name)
 
 
+def find_cases_in(paths: str | Path | Sequence[str | Path]) -> list[Case]:
+    """:func:`find_cases` of one or several data folders, concatenated in the order given.
+
+    Case names must be unique across the folders (``InputError`` names a duplicate).
+    """
+    roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not roots:
+        raise InputError("no data folder given")
+    cases: list[Case] = []
+    seen: dict[str, Path] = {}
+    for root in roots:
+        for c in find_cases(root):
+            if c.name in seen:
+                raise InputError(f"case name {c.name!r} is in both {seen[c.name]} and {root}")
+            seen[c.name] = Path(root)
+            cases.append(c)
+    return cases
+
+
 def _generic_cases(root: Path, names: dict[int, str]) -> list[Case]:
     cases = []
     for p in sorted(root.iterdir()):
@@ -353,7 +372,7 @@ class TrainDataset:
         y0, _, x0, _ = smp.bbox
         out = training_sample(
             vol.image[smp.slice_index], smp.mask, (x0, y0), self.spec, self.augment,
-            sample_rng(self.seed, epoch, index),
+            sample_rng(self.seed, epoch, index), spacing_xy=vol.spacing_xy,
         )
         out.pop("matrix")
         out["index"] = np.int64(index)

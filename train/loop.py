@@ -48,7 +48,7 @@ from .data import (
     ValDataset,
     build_samples,
     check_disjoint,
-    find_cases,
+    find_cases_in,
     select_cases,
     split_cases,
 )
@@ -60,7 +60,7 @@ from .model import build_model, count_parameters, make_config
 class TrainConfig:
     """Everything that defines a training run (lengths in pixels, lr per step)."""
 
-    data: str
+    data: str | list[str]
     out_dir: str = "runs/train"
     guidance: str = "cm"
     config: str = "compact"
@@ -282,7 +282,7 @@ def train_step(
 
 
 def _resolve_splits(cfg: TrainConfig) -> dict[str, list]:
-    cases = find_cases(cfg.data)
+    cases = find_cases_in(cfg.data)
     if not cfg.validate:
         train = select_cases(cases, cfg.train_cases, what="--train-cases") if cfg.train_cases else cases
         return {"train": list(train), "val": [], "test": [c for c in cases if c not in train]}
@@ -424,7 +424,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out_dir)
     best_path, last_path = out / "best.pt", out / "last.pt"
     train_info_base = {
-        "data": str(Path(cfg.data).resolve()),
+        "data": [str(Path(d).resolve()) for d in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)],
         "split": {k: [c.name for c in v] for k, v in splits.items()},
         "command": cfg.command or shlex.join(sys.argv),
         "seed": cfg.seed,

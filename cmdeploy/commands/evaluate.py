@@ -49,7 +49,19 @@ def evaluate(
     jitter: float = typer.Option(
         0.0, "--jitter", min=0.0, help="Click noise: uniform in [-PX, PX] pixels per coordinate."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the jitter."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the jitter and of the simulated annotator."),
+    clicks: str = typer.Option(
+        "exact", "--clicks",
+        help="Click protocol: 'exact' (extreme pixels, plus --jitter) or 'annotator' (simulated person: "
+        "a point on the outline within --click-tolerance px of the extreme, then a hand error of up "
+        "to --click-jitter-mm).",
+    ),
+    click_tolerance: float = typer.Option(
+        3.0, "--click-tolerance", min=0.0, help="Annotator: flat-extreme band, pixels."
+    ),
+    click_jitter_mm: float = typer.Option(
+        3.0, "--click-jitter-mm", min=0.0, help="Annotator: radius of the hand error, mm."
+    ),
     min_size: int = typer.Option(
         25, "--min-size", min=1, help="Skip objects smaller than this (pixels; as training)."
     ),
@@ -77,6 +89,7 @@ def evaluate(
         _evaluate(
             model, data, cases=_split(cases), labels=_split(labels), reference=reference, names=names,
             jitter=jitter, seed=seed, min_size=min_size, connectivity=connectivity, by_size=by_size,
+            clicks=clicks, click_tolerance=click_tolerance, click_jitter_mm=click_jitter_mm,
             size_edges=size_edges, n_worst=n_worst, output=output, overwrite=overwrite, backend=backend,
             batch_size=batch_size, threads=threads, device=device, err=err,
         )
@@ -100,10 +113,11 @@ def parse_edges(text: str | None) -> tuple[float, ...]:
 
 
 def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names, jitter, seed, min_size,
-              connectivity, by_size, size_edges, n_worst, output, overwrite, backend, batch_size, threads,
-              device, err) -> None:
+              connectivity, by_size, clicks, click_tolerance, click_jitter_mm, size_edges, n_worst, output,
+              overwrite, backend, batch_size, threads, device, err) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cmdeploy.annotator import CLICK_PROTOCOLS, ClickModel
     from cmdeploy.commands._common import wide_console
     from cmdeploy.errors import InputError
     from cmdeploy.evaluation import evaluate as run_evaluation
@@ -115,6 +129,11 @@ def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names,
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if clicks not in CLICK_PROTOCOLS:
+        raise InputError(f"--clicks must be one of {', '.join(CLICK_PROTOCOLS)}, got {clicks!r}")
+    if clicks == "annotator" and jitter > 0:
+        raise InputError("--jitter applies to exact clicks; the annotator has --click-jitter-mm")
+    click_model = ClickModel(tolerance_px=click_tolerance, jitter_mm=click_jitter_mm)
     edges = parse_edges(size_edges)
     found = find_cases(data, cases=cases, reference=reference, names_file=names)
     display = model_names(model)
@@ -146,6 +165,7 @@ def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names,
         ev = run_evaluation(
             segs, found, names=display, labels=labels, jitter=jitter, seed=seed, min_size=min_size,
             connectivity=connectivity, chunk=max(4 * batch_size, 16), progress=on_slice,
+            clicks=clicks, click_model=click_model,
         )
     if not ev.objects:
         raise InputError(f"no object of >= {min_size} px found in {', '.join(c.name for c in found)}"

@@ -24,14 +24,27 @@ def points_from_labels(
     connectivity: int = typer.Option(
         8, "--connectivity", help="4 (edge neighbours) or 8 (edges and corners; as training)."
     ),
+    simulate: bool = typer.Option(
+        False, "--simulate",
+        help="Clicks of the simulated annotator instead of the exact extreme pixels (for studies).",
+    ),
+    click_tolerance: float = typer.Option(
+        3.0, "--click-tolerance", min=0.0, help="With --simulate: flat-extreme band, pixels."
+    ),
+    click_jitter_mm: float = typer.Option(
+        3.0, "--click-jitter-mm", min=0.0, help="With --simulate: radius of the hand error, mm."
+    ),
+    seed: int = typer.Option(0, "--seed", help="With --simulate: seed of the simulated clicks."),
 ) -> None:
     """Write the four extreme points of every connected object on every axial slice.
 
     One row per object per slice; a label's extra pieces on a slice are named NAME#2, NAME#3, ...
+    With --simulate each point is a simulated person's click (see cmdeploy.annotator).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from cmdeploy.annotator import ClickModel
     from cmdeploy.commands._common import exit_on_error
     from cmdeploy.errors import InputError
     from cmdeploy.labels_to_points import (
@@ -57,6 +70,8 @@ def points_from_labels(
             rows = points_from_label_volume(
                 volume.iter_slices(), names=name_map, label_ids=ids, min_size=min_size,
                 connectivity=connectivity, on_slice=lambda _k: progress.advance(task),
+                simulate=ClickModel(click_tolerance, click_jitter_mm) if simulate else None,
+                spacing_xy=volume.spacing_xy_mm, seed=seed,
             )
         if not rows:
             raise InputError(

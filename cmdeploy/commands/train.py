@@ -14,7 +14,10 @@ def _names(value: str | None) -> tuple[str, ...]:
 
 
 def train(
-    data: Path = typer.Option(..., "--data", help="Data folder (ct-organs, SegTHOR or *_image/*_label)."),
+    data: list[Path] = typer.Option(
+        ..., "--data",
+        help="Data folder (ct-organs, SegTHOR or *_image/*_label); repeat to train on several folders.",
+    ),
     guidance: str = typer.Option("cm", "--guidance", help="Guidance channel(s): cm, ep or cm+ep."),
     config: str = typer.Option("compact", "--config", help="Model config: compact or paper."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Number of epochs."),
@@ -42,6 +45,11 @@ def train(
         None, "--recipe-checkpoint",
         help="With --no-validation: last.pt of the validated run of the same recipe (its full history).",
     ),
+    clicks: str = typer.Option(
+        "annotator", "--clicks",
+        help="Training clicks: 'annotator' (simulated imprecise clicks on 80% of samples, spacing "
+        "resampling; the robust recipe) or 'exact' (extreme pixels with a small jitter).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
@@ -50,11 +58,15 @@ def train(
     require("torch", "train", "training")
     from cmdeploy.errors import InputError
     from cmdeploy.spec import GUIDANCE_MODES
+    from cmdeploy.train.augment import ROBUST_AUGMENT, AugmentConfig
     from cmdeploy.train.loop import TrainConfig, format_metrics, run_training
     from cmdeploy.train.model import NAMED_CONFIGS
 
-    if not data.exists():
-        fail(f"--data {data} does not exist")
+    for folder in data:
+        if not folder.exists():
+            fail(f"--data {folder} does not exist")
+    if clicks not in ("annotator", "exact"):
+        fail(f"--clicks must be 'annotator' or 'exact', got {clicks!r}")
     if guidance not in GUIDANCE_MODES:
         fail(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
     if config not in NAMED_CONFIGS:
@@ -66,7 +78,8 @@ def train(
     if no_validation and val_cases:
         fail("--no-validation and --val-cases exclude each other")
     cfg = TrainConfig(
-        data=str(data),
+        data=[str(d) for d in data],
+        augment=ROBUST_AUGMENT if clicks == "annotator" else AugmentConfig(),
         out_dir=str(out),
         guidance=guidance,
         config=config,
