@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cmdeploy.evaluation.metrics import dice
 from cmdeploy.io import open_series
 from cmdeploy.labels_to_points import DEFAULT_CONNECTIVITY, DEFAULT_MIN_SIZE, connected_components
-from cmdeploy.metrics import dice
 
 
 def bbox_floor(labels_path: Path) -> dict[int, list[float]]:

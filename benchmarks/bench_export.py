@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from cmdeploy.benchmarking import latency, machine_info
+    from cmdeploy.evaluation.timing import latency, machine_info
     from cmdeploy.hashing import file_sha256
     from cmdeploy.train.checkpoint import Checkpoint
 

@@ -111,7 +111,8 @@ def build_series(case_dir: Path, out: Path, n_slices: int, size: int | None) -> 
     from pydicom.uid import generate_uid
 
     from cmdeploy.io import open_series
-    from cmdeploy.labels_to_points import load_label_names, open_label_volume, points_from_label_slice
+    from cmdeploy.io.cases import load_label_names
+    from cmdeploy.labels_to_points import open_label_volume, points_from_label_slice
     from cmdeploy.points_csv import write_points_csv
 
     series = open_series(case_dir / "image.nii.gz")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {built['slices']}-slice DICOM series {built['shape']} with {built['objects']} objects "
               f"on {built['annotated_slices']} slices in {time.perf_counter() - t0:.1f} s ({base})")
         results["series"] = built
-        from cmdeploy.benchmarking import model_precision
+        from cmdeploy.evaluation.flops import model_precision
 
         print(f"{'model':28s} {'precision':9s} {'backend':12s} {'batch':>5s} {'slices/s':>9s} "
               f"{'objects/s':>10s} {'model s':>8s} {'total s':>8s} {'overhead':>9s}")
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    from cmdeploy.benchmarking import machine_info
+    from cmdeploy.evaluation.timing import machine_info
 
     results["machine"] = machine_info()
     if args.json:

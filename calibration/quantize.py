@@ -58,7 +58,7 @@ from cmdeploy.calibration.reader import DEFAULT_BATCH, SliceCalibrationReader, _
 from cmdeploy.calibration.slices import SliceObject
 from cmdeploy.errors import InputError, ModelError
 from cmdeploy.hashing import file_sha256
-from cmdeploy.spec import ModelSpec
+from cmdeploy.spec import PRECISION_KEY, ModelSpec
 from cmdeploy.writers.atomic import atomic_write_bytes
 
 TARGETS = ("cpu", "tensorrt")
@@ -428,7 +428,7 @@ def int8_metadata(
     meta.update(
         {
             INT8_KEY: json.dumps(record, sort_keys=True),
-            "cmdeploy.precision": "int8",
+            PRECISION_KEY: "int8",
             "cmdeploy.quant_target": recipe.target,
             "cmdeploy.calibration_method": recipe.method,
             "cmdeploy.calibration_slices": str(int(num_slices)),

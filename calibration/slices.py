@@ -2,13 +2,12 @@
 
 Sources (:func:`load_source`):
 
-* **labelled NIfTI cases** - a folder of cases (``<root>/<case>/image.nii.gz`` + ``labels.nii.gz``,
-  the ct-organs layout; SegTHOR ``<root>/<case>/<case>.nii.gz`` + ``GT.nii.gz`` also works) or one
-  such case folder. Volumes are read in the LPS frame of :func:`cmdeploy.io.nifti.read_lps_volume` (the one
-  NIfTI convention of training and runtime): rows (y) run anterior -> posterior, columns (x)
-  patient right -> left. An
-  object is one 8-connected component of one label on one axial slice with at least
-  ``min_pixels`` pixels; its reference mask is that component.
+* **labelled NIfTI cases** - any layout of :mod:`cmdeploy.io.cases` (e.g. ct-organs'
+  ``<root>/<case>/image.nii.gz`` + ``labels.nii.gz``) or one such case folder. Volumes are read in
+  the LPS frame of :func:`cmdeploy.io.nifti.read_lps_volume` (the one NIfTI convention of training
+  and runtime): rows (y) run anterior -> posterior, columns (x) patient right -> left. An object is
+  one 8-connected component of one label on one axial slice with at least ``min_pixels`` pixels;
+  its reference mask is that component.
 * **unlabelled CT** (a DICOM folder or file, or a NIfTI/NPY volume, via
   :func:`cmdeploy.io.open_series`): objects are the 8-connected components of ``HU >= 200`` (bone
   and contrast-filled vessels) - real anatomy with a real extent, good for calibration ranges;
@@ -31,12 +30,12 @@ import numpy as np
 
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
+from cmdeploy.io.cases import discover_cases
 from cmdeploy.io.nifti import read_lps_volume
 from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE, label_components
 
 DEFAULT_MIN_PIXELS = DEFAULT_MIN_SIZE  # the shared definition of an object
 THRESHOLD_HU = 200.0  # unlabelled CT: objects are connected regions at or above this
-_NII = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,23 +75,6 @@ class CaseVolume:
 
 
 # ------------------------------------------------------------------------------ reading
-def _nii_file(folder: Path, stem: str) -> Path | None:
-    for ext in _NII:
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
-def _case_pair(folder: Path) -> tuple[Path, Path] | None:
-    """(image, labels) NIfTI paths of a case folder, or None."""
-    for image_stem, label_stem in (("image", "labels"), ("image", "label"), (folder.name, "GT")):
-        image, labels = _nii_file(folder, image_stem), _nii_file(folder, label_stem)
-        if image is not None and labels is not None:
-            return image, labels
-    return None
-
-
 def _load_lps(path: Path) -> np.ndarray:
     """A 3-D NIfTI as a (Z, H, W) array of LPS slices: the runtime's one NIfTI convention."""
     data, _, _ = read_lps_volume(path)
@@ -111,25 +93,6 @@ def load_case(name: str, image_path: Path, label_path: Path) -> CaseVolume:
     if labels.dtype.kind == "f":
         labels = np.rint(labels)
     return CaseVolume(name, image, labels.astype(np.int32))
-
-
-def find_cases(path: str | Path) -> dict[str, tuple[Path, Path]]:
-    """Labelled NIfTI cases under ``path``: {case name: (image, labels)}, sorted by name.
-
-    ``path`` is one case folder or a folder of case folders; {} when none is found.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        return {}
-    pair = _case_pair(root)
-    if pair is not None:
-        return {root.name: pair}
-    found = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        pair = _case_pair(sub)
-        if pair is not None:
-            found[sub.name] = pair
-    return found
 
 
 def load_unlabelled(path: str | Path) -> CaseVolume:
@@ -291,7 +254,7 @@ def load_split(
     p = Path(path)
     if not p.exists():
         raise InputError(f"--data '{p}' does not exist")
-    cases = find_cases(p)
+    cases = {c.name: (c.image, c.labels) for c in discover_cases(p)}
     if not cases:
         if calib_cases or eval_cases:
             raise InputError(f"--data '{p}' is not a folder of labelled NIfTI cases; --*-cases need one")
@@ -338,7 +301,6 @@ __all__ = [
     "all_objects",
     "candidate_slices",
     "draw",
-    "find_cases",
     "fingerprint",
     "load_case",
     "load_split",

@@ -25,7 +25,6 @@ trees).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,29 +313,6 @@ def open_label_volume(path: str | Path) -> LabelVolume:
         return LabelVolume(p, int(vol.shape[0]), (int(vol.shape[1]), int(vol.shape[2])),
                            lambda k: vol[k])
     raise InputError(f"label volume '{p}': expected a .nii, .nii.gz or .npy file")
-
-
-def load_label_names(path: str | Path) -> dict[int, str]:
-    """Read a JSON object mapping label id (number or numeric string) -> name."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"label names '{p}': cannot read as JSON ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"label names '{p}': expected a JSON object {{id: name}}")
-    out: dict[int, str] = {}
-    for key, value in data.items():
-        try:
-            lid = int(key)
-        except ValueError:
-            raise InputError(f"label names '{p}': key {key!r} is not an integer id") from None
-        if not isinstance(value, str) or not value.strip() or "#" in value:
-            raise InputError(
-                f"label names '{p}': name for id {lid} must be non-empty text without '#'"
-            )
-        out[lid] = value.strip()
-    return out
 
 
 def resolve_label_ids(selection: Iterable[str], names: Mapping[int, str] | None) -> set[int]:

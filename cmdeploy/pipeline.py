@@ -24,12 +24,13 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from cmdeploy.backends.base import batch_chunks
 from cmdeploy.errors import InputError
 from cmdeploy.segmenter import PreparedBatch, Segmenter, check_points, check_slice
 
@@ -275,11 +276,6 @@ def _read(series: Any, k: int) -> np.ndarray:
     return check_slice(series.slice_hu(k), name=f"slice {k} of the series")
 
 
-def _batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
-    for a in range(0, len(order), size):
-        yield list(order[a : a + size])
-
-
 def run_pipeline(
     segmenter: Segmenter,
     series: Any,
@@ -342,9 +338,10 @@ def run_pipeline(
     timings = Timings()
     q: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
     stop = threading.Event()
+    batches = [order[a:b] for a, b in batch_chunks(len(order), size)]
     producer = threading.Thread(
         target=_prefetch,
-        args=(list(_batches(order, size)), rows, points, series, segmenter, timings, q, stop),
+        args=(batches, rows, points, series, segmenter, timings, q, stop),
         name="cmdeploy-prefetch",
         daemon=True,
     )

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cmdeploy.backends.base import Runner, batch_chunks, run_batched
 from cmdeploy.errors import InputError, ModelError
 from cmdeploy.geometry import CropTransform, sample_bilinear
 from cmdeploy.guidance import validate_points
@@ -123,19 +124,6 @@ def _resample_window(crop: np.ndarray, matrix: np.ndarray, xs: np.ndarray, ys: n
     return out.astype(np.float32, copy=False)
 
 
-def _batch_limits(runner: Any) -> tuple[int, int | None]:
-    """(min, max) batch size a runner accepts per call: a static ONNX batch axis fixes both; a
-    TensorRT engine's optimisation profile gives its range; otherwise (1, unlimited)."""
-    fixed = getattr(runner, "fixed_batch", None)
-    if fixed:
-        return int(fixed), int(fixed)
-    sidecar = getattr(runner, "sidecar", None)
-    if sidecar is not None:
-        lo, _, hi = sidecar.batch_range
-        return max(int(lo), 1), int(hi)
-    return 1, None
-
-
 @dataclass
 class PreparedBatch:
     """Model-ready inputs of N objects (from :meth:`Segmenter.prepare`).
@@ -170,7 +158,7 @@ class Segmenter:
     """
 
     def __init__(
-        self, runner: Any, spec: ModelSpec, *, model_path: Path, backend: str, batch_size: int = 16
+        self, runner: Runner, spec: ModelSpec, *, model_path: Path, backend: str, batch_size: int = 16
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -193,13 +181,9 @@ class Segmenter:
             self._input = names[0]
             self._output = "logits" if "logits" in outs else outs[0]
             self._check_plain_shape()
-        self._min_batch, self._max_batch = _batch_limits(runner)
 
     def _check_plain_shape(self) -> None:
-        shapes = getattr(self._runner, "input_shapes", {}) or {}
-        shape = shapes.get(self._input)
-        if isinstance(shape, dict):  # TensorRT sidecar profile {"min", "opt", "max"}
-            shape = tuple(shape.get("opt", ()))
+        shape = self._runner.input_shapes.get(self._input)
         if not shape or len(shape) != 4:
             return
         _, c, h, w = shape
@@ -248,7 +232,7 @@ class Segmenter:
         if backend == "tensorrt":
             from cmdeploy.backends.tensorrt import TensorRTRunner
 
-            runner: Any = TensorRTRunner(path)
+            runner: Runner = TensorRTRunner(path)
             spec = runner.spec
         else:
             if path.suffix.lower() in ENGINE_SUFFIXES:
@@ -338,33 +322,22 @@ class Segmenter:
         probs = _resample_window(np.asarray(output[i], np.float32), t.matrix, xs, ys)
         return probs, (slice(y0, y1), slice(x0, x1))
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        """Model calls of at most ``batch_size`` items (within the model's batch limits)."""
-        step = max(min(self.batch_size, self._max_batch or self.batch_size), self._min_batch)
-        return [(s, min(s + step, n)) for s in range(0, n, step)]
-
-    def _pad(self, arr: np.ndarray) -> np.ndarray:
-        """Repeat the first item up to the model's minimum batch (static batch axes)."""
-        short = self._min_batch - len(arr)
-        if short <= 0:
-            return arr
-        return np.concatenate([arr, np.repeat(arr[:1], short, axis=0)])
-
     def _infer_plain(self, batch: PreparedBatch) -> np.ndarray:
         x = batch.inputs
         assert x is not None
         n = len(x)
         s = self.spec.input_size
-        out = np.empty((n, s, s), dtype=np.float32)
-        for a, b in self._chunks(n):
-            logits = np.asarray(self._runner.run({self._input: self._pad(x[a:b])})[self._output])
-            if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape[2:] != (s, s):
-                raise ModelError(
-                    f"{self.model_path.name}: output {self._output!r} has shape {logits.shape}, "
-                    f"expected (N, 1, {s}, {s})"
-                )
-            out[a:b] = sigmoid(logits[: b - a, 0])
-        return out
+        logits = np.asarray(self._run({self._input: x}))
+        if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape[2:] != (s, s) or len(logits) != n:
+            raise ModelError(
+                f"{self.model_path.name}: output {self._output!r} has shape {logits.shape}, "
+                f"expected (N, 1, {s}, {s})"
+            )
+        return sigmoid(logits[:, 0])
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's output for any number of items, ``batch_size`` (within its range) per call."""
+        return run_batched(self._runner, feeds, batch_size=self.batch_size)[self._output]
 
     def _infer_fused(self, batch: PreparedBatch) -> list[np.ndarray]:
         result: list[np.ndarray | None] = [None] * len(batch)
@@ -372,21 +345,15 @@ class Segmenter:
         for i, shape in enumerate(batch.slice_shapes):
             groups.setdefault(shape, []).append(i)
         for shape, idx in groups.items():
-            for a, b in self._chunks(len(idx)):
-                sel = idx[a:b]
-                slices = self._pad(np.stack([batch.slices[i] for i in sel]).astype(np.float32, copy=False))
-                pts = self._pad(batch.points[sel])
-                probs = np.asarray(
-                    self._runner.run({"slices": slices, "points": pts})[self._output],
-                    dtype=np.float32,
+            slices = np.stack([batch.slices[i] for i in idx]).astype(np.float32, copy=False)
+            probs = np.asarray(self._run({"slices": slices, "points": batch.points[idx]}), np.float32)
+            if probs.shape[1:] != shape:
+                raise ModelError(
+                    f"{self.model_path.name}: output {self._output!r} has shape {probs.shape}, "
+                    f"expected (B, {shape[0]}, {shape[1]})"
                 )
-                if probs.shape[1:] != shape:
-                    raise ModelError(
-                        f"{self.model_path.name}: output {self._output!r} has shape {probs.shape}, "
-                        f"expected (B, {shape[0]}, {shape[1]})"
-                    )
-                for j, i in enumerate(sel):
-                    result[i] = probs[j]
+            for j, i in enumerate(idx):
+                result[i] = probs[j]
         return result  # type: ignore[return-value]
 
     # --------------------------------------------------------------------------- predictors
@@ -448,8 +415,7 @@ class Segmenter:
         pts = np.stack(checked_pts) if checked_pts else np.zeros((0, 4, 2), np.float32)
 
         results: list[np.ndarray] = []
-        for a in range(0, len(pts), self.batch_size):
-            b = min(a + self.batch_size, len(pts))
+        for a, b in batch_chunks(len(pts), self.batch_size):
             batch = self.prepare(slice_list[a:b], pts[a:b])
             out = self.infer(batch)
             for i in range(len(batch)):

@@ -17,6 +17,8 @@ from typing import Any
 
 GUIDANCE_MODES = ("cm", "ep", "cm+ep")
 METADATA_KEY = "cmdeploy.spec"
+# ONNX metadata entry naming a model's numeric precision: "fp32", "fp16" or "int8"
+PRECISION_KEY = "cmdeploy.precision"
 
 # The paper's numbers for a 512 x 512 crop; smaller models scale them by input_size / 512.
 PAPER_INPUT_SIZE = 512

@@ -39,8 +39,10 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
+from cmdeploy.spec import PRECISION_KEY
+
 FP16_MAX = 65504.0
-PRECISION_METADATA_KEY = "cmdeploy.precision"
+
 
 DEFAULT_KEEP_FP32_OPS: frozenset[str] = frozenset(
     {
@@ -309,11 +311,11 @@ def convert_to_fp16(
 
     del graph.value_info[:]
     props = {p.key: p for p in out.metadata_props}
-    if PRECISION_METADATA_KEY in props:
-        props[PRECISION_METADATA_KEY].value = "fp16"
+    if PRECISION_KEY in props:
+        props[PRECISION_KEY].value = "fp16"
     else:
         out.metadata_props.append(
-            onnx.StringStringEntryProto(key=PRECISION_METADATA_KEY, value="fp16")
+            onnx.StringStringEntryProto(key=PRECISION_KEY, value="fp16")
         )
     return onnx.shape_inference.infer_shapes(out)
 

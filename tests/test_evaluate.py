@@ -15,18 +15,19 @@ pytest.importorskip("onnx")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from cmdeploy import benchmarking as bm  # noqa: E402
 from cmdeploy.cli import app  # noqa: E402
 from cmdeploy.errors import InputError  # noqa: E402
 from cmdeploy.evaluation import (  # noqa: E402
     evaluate,
-    find_cases,
+    flops,
     label_stats,
     reconstruct,
     size_stats,
     summarize,
+    timing,
     worst,
 )
+from cmdeploy.io.cases import find_cases  # noqa: E402
 
 H, W, Z = 40, 48, 3
 ZOOMS = (0.8, 1.2, 2.0)  # sx, sy, sz in mm
@@ -99,21 +100,6 @@ class FakeSegmenter:
 
     def predict(self, image, points):
         return self.predict_batch([image], [points])[0]
-
-
-def test_find_cases_layouts(data_root: Path, tmp_path: Path):
-    (c,) = find_cases(data_root)
-    assert (c.name, c.image.name, c.labels.name, c.names_file) == (
-        "case_a", "image.nii.gz", "labels.nii.gz", data_root / "labels.json")
-    assert find_cases(data_root / "case_a")[0].names_file == data_root / "labels.json"
-    (f,) = find_cases(data_root / "case_a" / "image.nii.gz", reference=data_root / "case_a" / "labels.nii.gz")
-    assert f.name == "image" and f.labels.name == "labels.nii.gz"
-    with pytest.raises(InputError, match="available: case_a"):
-        find_cases(data_root, cases=["nope"])
-    with pytest.raises(InputError, match="--reference"):
-        find_cases(data_root / "case_a" / "image.nii.gz")
-    with pytest.raises(InputError, match="no case found"):
-        find_cases(tmp_path)
 
 
 def test_oracle_scores_perfectly(data_root: Path):
@@ -253,11 +239,11 @@ def test_cli_evaluate_bad_case(data_root: Path, identity_model_path: Path):
 def test_count_flops_and_precision(plain_model_path: Path, tmp_path: Path):
     from onnx import TensorProto, helper, numpy_helper
 
-    fc = bm.count_flops(plain_model_path)
+    fc = flops.count_flops(plain_model_path)
     s, hidden, c = 64, 8, 2  # conftest's random plain model
     expected = 2 * s * s * (hidden * c * 9 + hidden * hidden * 9 + hidden)
     assert fc.total == expected and fc.by_op == {"Conv": expected} and not fc.unknown
-    assert bm.model_precision(plain_model_path) == "fp32"
+    assert flops.model_precision(plain_model_path) == "fp32"
 
     w = numpy_helper.from_array(np.ones((7, 3), np.float32), "w")
     scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
@@ -274,12 +260,12 @@ def test_count_flops_and_precision(plain_model_path: Path, tmp_path: Path):
     import onnx
 
     onnx.save(model, str(path))
-    assert bm.count_flops(path, batch=2).total == 2 * 2 * 5 * 3 * 7
-    assert bm.model_precision(path) == "int8"
+    assert flops.count_flops(path, batch=2).total == 2 * 2 * 5 * 3 * 7
+    assert flops.model_precision(path) == "int8"
 
 
 def test_latency_stats():
-    lat = bm.latency(np.array([0.001, 0.002, 0.003, 0.004]), items_per_call=2)
+    lat = timing.latency(np.array([0.001, 0.002, 0.003, 0.004]), items_per_call=2)
     assert lat.p50_ms == pytest.approx(2.5) and lat.min_ms == pytest.approx(1.0)
     assert lat.p95_ms == pytest.approx(3.85) and lat.items_per_s == pytest.approx(8 / 0.01)
 

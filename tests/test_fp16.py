@@ -12,12 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cmdeploy.export.fp16 import (
     DEFAULT_KEEP_FP32_OPS,
-    PRECISION_METADATA_KEY,
     convert_to_fp16,
     fp32_nodes,
     is_averaging_matrix,
 )
-from cmdeploy.spec import ModelSpec
+from cmdeploy.spec import PRECISION_KEY, ModelSpec
 
 # FP16 has an 11-bit mantissa (relative step 2**-11 ~ 4.9e-4); weights and activations rounded
 # through ~6 layers of a model whose outputs are O(1) stay well inside 1e-2 absolute.
@@ -177,7 +176,7 @@ def test_model_io_and_metadata_unchanged(pair):
     assert ModelSpec.from_metadata(meta) == ModelSpec.from_metadata(
         {p.key: p.value for p in fp32.metadata_props}
     )
-    assert meta[PRECISION_METADATA_KEY] == "fp16"
+    assert meta[PRECISION_KEY] == "fp16"
     # the input model is left as it was
     assert all(t.data_type == TensorProto.FLOAT for t in fp32.graph.initializer)
     assert not any(n.op_type == "Cast" for n in fp32.graph.node)

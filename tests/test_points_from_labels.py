@@ -18,9 +18,9 @@ from cmdeploy.commands.points_from_labels import points_from_labels
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
 from cmdeploy.io import open_series
+from cmdeploy.io.cases import load_label_names
 from cmdeploy.labels_to_points import (
     connected_components,
-    load_label_names,
     open_label_volume,
     points_from_label_slice,
     points_from_label_volume,

@@ -67,7 +67,8 @@ def test_int8_keeps_dice_on_real_objects() -> None:
     The shipped model saw this case in training (model card), so this checks INT8 against FP32 and
     the export chain, not generalisation.
     """
-    from cmdeploy.evaluation import evaluate, find_cases
+    from cmdeploy.evaluation import evaluate
+    from cmdeploy.io.cases import find_cases
 
     cases = find_cases(SHARED, cases=["thorax_1p5mm"])
     segs = [_load(VARIANTS[0]), _load(VARIANTS[2])]

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from cmdeploy.backends.tensorrt import TensorRTRunner, batch_chunks, validate_feeds
+from cmdeploy.backends.base import batch_chunks
+from cmdeploy.backends.tensorrt import TensorRTRunner, validate_feeds
 from cmdeploy.engine_sidecar import (
     EngineIncompatibleError,
     EngineSidecar,

@@ -96,13 +96,6 @@ def test_find_cases_generic_layouts(tmp_path: Path) -> None:
     assert [c.name for c in find_cases(tmp_path / "split")] == ["p0", "p1"]
 
 
-def test_find_cases_errors(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="does not exist"):
-        find_cases(tmp_path / "missing")
-    with pytest.raises(InputError, match="no cases found"):
-        find_cases(tmp_path)
-
-
 def test_volumes_are_reoriented_to_lps(tmp_path: Path) -> None:
     """The same physical content stored RAS or LPS loads identically; right-anterior is at (0, 0)."""
     image, labels = ellipse_volume(3)

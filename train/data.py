@@ -10,39 +10,25 @@ and the in-plane spacing as ``(x, y)`` = (column, row) millimetres.
 A *sample* is one connected component (8-connectivity) of one label on one axial slice with at
 least ``min_pixels`` pixels: the unit of the class-agnostic task (four extreme points -> mask).
 
-Layouts recognised by :func:`find_cases`:
-
-* ``ct-organs``: ``<root>/<case>/image.nii.gz`` + ``labels.nii.gz``, names in ``<root>/labels.json``.
-* SegTHOR: ``<root>/Patient_XX/Patient_XX.nii.gz`` + ``GT.nii.gz`` (1 esophagus, 2 heart,
-  3 trachea, 4 aorta).
-* generic: ``<root>/<name>_image.nii.gz`` + ``<name>_label.nii.gz`` (``_labels`` also accepted), or
-  ``<root>/images/<name>.nii.gz`` + ``<root>/labels/<name>.nii.gz``; optional ``labels.json``.
+Cases are found by :func:`cmdeploy.io.cases.find_cases` (the layouts are listed there).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cmdeploy.errors import InputError
+from cmdeploy.io.cases import Case as _Case
+from cmdeploy.io.cases import find_cases as _find_cases
 from cmdeploy.labels_to_points import DEFAULT_MIN_SIZE, label_components
 
-SEGTHOR_LABELS: dict[int, str] = {1: "esophagus", 2: "heart", 3: "trachea", 4: "aorta"}
-_NII = (".nii.gz", ".nii")
 
-
-@dataclass(frozen=True)
-class Case:
-    """One patient: an image/label NIfTI pair and the label names (id -> name)."""
-
-    name: str
-    image_path: Path
-    label_path: Path
-    label_names: dict[int, str] = field(default_factory=dict)
+class Case(_Case):
+    """One patient (:class:`cmdeploy.io.cases.Case`) that can load itself as a :class:`Volume`."""
 
     def load(self) -> Volume:
         """Read and reorient both volumes (see the module docstring)."""
@@ -132,67 +118,9 @@ def load_volume(case: Case) -> Volume:
     )
 
 
-def _read_label_names(path: Path) -> dict[int, str]:
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-        return {int(k): str(v) for k, v in raw.items()}
-    except (ValueError, AttributeError) as exc:
-        raise InputError(f"{path}: expected a JSON object mapping label id -> name ({exc})") from exc
-
-
-def _nii_stem(path: Path) -> str:
-    for ext in _NII:
-        if path.name.endswith(ext):
-            return path.name[: -len(ext)]
-    return path.name
-
-
-def _first_existing(folder: Path, stem: str) -> Path | None:
-    for ext in _NII:
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
 def find_cases(path: str | Path) -> list[Case]:
-    """Auto-detect the layout under ``path`` and return its cases sorted by name.
-
-    Raises ``InputError`` when ``path`` does not exist or holds no recognisable case.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise InputError(f"data path {root} does not exist")
-    if not root.is_dir():
-        raise InputError(f"data path {root} is not a folder")
-    names = _read_label_names(root / "labels.json")
-    cases: list[Case] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        image = _first_existing(sub, "image")
-        labels = _first_existing(sub, "labels") or _first_existing(sub, "label")
-        if image and labels:  # ct-organs
-            cases.append(Case(sub.name, image, labels, names))
-            continue
-        image = _first_existing(sub, sub.name)
-        gt = _first_existing(sub, "GT")
-        if image and gt:  # SegTHOR
-            cases.append(Case(sub.name, image, gt, names or dict(SEGTHOR_LABELS)))
-    if not cases:
-        cases = _generic_cases(root, names)
-    if not cases:
-        raise InputError(
-            f"no cases found under {root}: expected <case>/image.nii.gz + labels.nii.gz, "
-            "Patient_XX/Patient_XX.nii.gz + GT.nii.gz, <name>_image.nii.gz + <name>_label.nii.gz, "
-            "or images/ + labels/ folders"
-        )
-    seen: set[str] = set()
-    for c in cases:
-        if c.name in seen:
-            raise InputError(f"duplicate case name {c.name!r} under {root}")
-        seen.add(c.name)
-    return sorted(cases, key=lambda c: c.name)
+    """The cases under ``path`` (:func:`cmdeploy.io.cases.find_cases`), sorted by name."""
+    return [Case(c.name, c.image, c.labels, c.names_file, c.default_names) for c in _find_cases(path)]
 
 
 def find_cases_in(paths: str | Path | Sequence[str | Path]) -> list[Case]:
@@ -211,25 +139,6 @@ def find_cases_in(paths: str | Path | Sequence[str | Path]) -> list[Case]:
                 raise InputError(f"case name {c.name!r} is in both {seen[c.name]} and {root}")
             seen[c.name] = Path(root)
             cases.append(c)
-    return cases
-
-
-def _generic_cases(root: Path, names: dict[int, str]) -> list[Case]:
-    cases = []
-    for p in sorted(root.iterdir()):
-        stem = _nii_stem(p)
-        if p.is_file() and stem != p.name and stem.endswith("_image"):
-            base = stem[: -len("_image")]
-            lab = _first_existing(root, f"{base}_label") or _first_existing(root, f"{base}_labels")
-            if lab:
-                cases.append(Case(base, p, lab, names))
-    img_dir, lab_dir = root / "images", root / "labels"
-    if not cases and img_dir.is_dir() and lab_dir.is_dir():
-        for p in sorted(img_dir.iterdir()):
-            stem = _nii_stem(p)
-            lab = _first_existing(lab_dir, stem) if stem != p.name else None
-            if lab:
-                cases.append(Case(stem, p, lab, names))
     return cases
 
 

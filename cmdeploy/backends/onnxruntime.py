@@ -1,10 +1,8 @@
 """onnxruntime back end: one :class:`OnnxRuntimeRunner` per ONNX file.
 
 ``onnxruntime`` is imported inside :meth:`OnnxRuntimeRunner.__init__`, so importing this module (or
-``cmdeploy``) stays cheap. The runner is the same small interface as the TensorRT back end:
-``run(feeds: dict[str, ndarray]) -> dict[str, ndarray]`` plus the model's input/output names,
-shapes and dtypes, and its ``custom_metadata_map`` (where the :class:`~cmdeploy.spec.ModelSpec`
-lives).
+``cmdeploy``) stays cheap. The runner implements :class:`cmdeploy.backends.base.Runner`, plus the
+model's dtypes and its ``custom_metadata_map`` (where the :class:`~cmdeploy.spec.ModelSpec` lives).
 """
 
 from __future__ import annotations
@@ -13,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdeploy.errors import ModelError
+from cmdeploy.backends.base import Feeds, Outputs
+from cmdeploy.errors import InputError, ModelError
 
 # onnxruntime type strings -> NumPy dtypes (the ones a cmdeploy model may use at its boundary)
 _ORT_DTYPES = {
@@ -54,7 +53,7 @@ class OnnxRuntimeRunner:
 
         path = Path(model_path)
         if not path.is_file():
-            raise ModelError(f"ONNX model {path} not found")
+            raise InputError(f"ONNX model {path} not found")
         if device not in DEVICES:
             raise ModelError(f"device must be one of {DEVICES}, got {device!r}")
         if threads is not None and threads < 0:
@@ -97,12 +96,23 @@ class OnnxRuntimeRunner:
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
 
     @property
-    def fixed_batch(self) -> int | None:
-        """The fixed batch size of the first input, or None when its batch axis is dynamic."""
+    def batch_range(self) -> tuple[int, int | None]:
+        """A static batch axis on the first input fixes both ends; a dynamic one is (1, None)."""
         shape = self.input_shapes[self.input_names[0]]
-        return shape[0] if shape else None
+        fixed = shape[0] if shape else None
+        return (fixed, fixed) if fixed else (1, None)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def close(self) -> None:
+        """Drop the onnxruntime session."""
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, feeds: Feeds) -> Outputs:
         """Run the model: ``feeds`` maps every input name to an array (cast to the input's dtype)."""
         missing = set(self.input_names) - set(feeds)
         if missing:

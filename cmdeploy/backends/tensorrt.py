@@ -3,9 +3,10 @@
 ``TensorRTRunner(engine_path)`` reads the engine's JSON sidecar, refuses an engine built for
 another GPU or TensorRT release (:func:`cmdeploy.engine_sidecar.check_compatible`), deserialises
 it and runs batches of any size: inputs larger than the optimisation profile's maximum batch are
-split into chunks, each bound with ``set_input_shape``. Device memory and the CUDA stream come
-from ``polygraphy.cuda`` (``DeviceArray``, ``Stream``); the GPU's name and compute capability
-from cuda-python (``cuda.bindings.runtime``), with a ctypes fallback on the CUDA runtime.
+split into chunks (:func:`cmdeploy.backends.base.run_chunked`), each bound with
+``set_input_shape``; the runner implements :class:`cmdeploy.backends.base.Runner`. Device memory
+and the CUDA stream come from ``polygraphy.cuda`` (``DeviceArray``, ``Stream``); the GPU's name and
+compute capability from cuda-python (``cuda.bindings.runtime``), with a ctypes fallback on the CUDA runtime.
 
 ``tensorrt``, ``polygraphy`` and ``cuda`` are imported when a runner is built, never at import
 time, so this module imports on machines without a GPU. Install them with
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cmdeploy.backends.base import Feeds, Outputs, run_chunked
 from cmdeploy.engine_sidecar import EngineSidecar, check_compatible, sidecar_path
 from cmdeploy.errors import InputError, ModelError
 from cmdeploy.spec import ModelSpec
@@ -128,13 +130,6 @@ def _numpy_dtype(trt: ModuleType, trt_dtype: Any) -> np.dtype:
         return np.dtype(_TRT_DTYPE_NAMES[name])
 
 
-def batch_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
-    """Split ``n`` items into contiguous ``(start, stop)`` chunks of at most ``max_batch``."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    return [(s, min(s + max_batch, n)) for s in range(0, n, max_batch)]
-
-
 def validate_feeds(
     feeds: Mapping[str, Any],
     input_shapes: Mapping[str, Mapping[str, list[int]]],
@@ -239,27 +234,25 @@ class TensorRTRunner:
                 f"{sorted(self.sidecar.input_shapes)}; rebuild the engine"
             )
         self._dtypes = {n: _numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        self.max_batch = self.sidecar.batch_range[2]
-        # {"min", "opt", "max"} profile per input, as Segmenter checks against the spec
-        self.input_shapes = dict(self.sidecar.input_shapes)
+        lo, _, self.max_batch = self.sidecar.batch_range
+        self.batch_range: tuple[int, int | None] = (max(int(lo), 1), int(self.max_batch))
+        # dimensions the profile fixes (min == max); None where it lets them vary
+        self.input_shapes: dict[str, tuple[int | None, ...]] = {
+            n: tuple(a if a == b else None for a, b in zip(p["min"], p["max"], strict=True))
+            for n, p in self.sidecar.input_shapes.items()
+        }
         self._stream = cuda.Stream()
         self._buffers = {n: cuda.DeviceArray(shape=(0,), dtype=self._dtypes[n]) for n in names}
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Feeds) -> Outputs:
         """Run a batch: ``{input name: (N, ...) array}`` -> ``{output name: (N, ...) array}``."""
         arrays, n = validate_feeds(feeds, self.sidecar.input_shapes, self._dtypes)
         min_batch = self.sidecar.batch_range[0]
         if n < min_batch:
             raise InputError(f"batch size {n} is below the engine's minimum {min_batch}")
-        chunks = [
-            self._run_once({k: v[start:stop] for k, v in arrays.items()})
-            for start, stop in batch_chunks(n, self.max_batch)
-        ]
-        if len(chunks) == 1:
-            return chunks[0]
-        return {name: np.concatenate([c[name] for c in chunks]) for name in self.output_names}
+        return run_chunked(self._run_once, arrays, self.max_batch)
 
-    def _run_once(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_once(self, arrays: Feeds) -> Outputs:
         ctx, stream = self._context, self._stream
         for name in self.input_names:
             host = np.ascontiguousarray(arrays[name])

@@ -74,9 +74,9 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
               warmup: int, threads: int | None, device: str, slice_size: int, cm_sizes: list[int],
               peak_size: int, peak_repeats: int, flops: bool, err) -> dict[str, Any]:
     """Run every benchmark and return the JSON-ready result (see :mod:`cmdeploy.benchmarking`)."""
-    from cmdeploy import benchmarking as bm
     from cmdeploy.errors import InputError, ModelError
-    from cmdeploy.evaluation import model_names
+    from cmdeploy.evaluation import flops, timing
+    from cmdeploy.evaluation.run import model_names
     from cmdeploy.segmenter import BACKENDS, Segmenter
 
     for b in backends:
@@ -89,12 +89,12 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
             raise InputError(f"model file '{p}' not found")
 
     result: dict[str, Any] = {
-        "machine": bm.machine_info(),
+        "machine": timing.machine_info(),
         "settings": {"iterations": iterations, "warmup": warmup, "threads": threads, "device": device,
                      "slice_size": slice_size, "batch_sizes": batch_sizes},
     }
     err.print(f"matmul peak ({peak_size} x {peak_size} float32, best of {peak_repeats}) ...")
-    peak = bm.matmul_peak(peak_size, peak_repeats)
+    peak = timing.matmul_peak(peak_size, peak_repeats)
     result["peak"] = peak
 
     entries: list[dict[str, Any]] = []
@@ -103,11 +103,11 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
         gflop, flop_info = None, None
         if flops and path.suffix.lower() == ".onnx":
             try:
-                fc = bm.count_flops(path, slice_shape=(slice_size, slice_size))
+                fc = flops.count_flops(path, slice_shape=(slice_size, slice_size))
                 gflop, flop_info = fc.gflop, fc.to_dict()
             except ImportError:
                 flop_info = {"skipped": "onnx is not installed (pip install 'cmdeploy[export]')"}
-        precision = bm.model_precision(path)
+        precision = flops.model_precision(path)
         for backend in backends:
             entry: dict[str, Any] = {"name": name, "file": path.name, "requested_backend": backend,
                                      "precision": precision, "flops": flop_info, "results": []}
@@ -123,7 +123,7 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
                          guidance=seg.spec.guidance)
             err.print(f"timing {name} ({seg.backend}, {precision}) ...")
             try:
-                rows = bm.bench_segmenter(seg, batch_sizes, iterations=iterations, warmup=warmup,
+                rows = timing.bench_segmenter(seg, batch_sizes, iterations=iterations, warmup=warmup,
                                           slice_size=slice_size)
             except (ModelError, RuntimeError) as exc:
                 entry["error"] = str(exc)
@@ -140,7 +140,7 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
     result["models"] = entries
 
     err.print("confidence map (NumPy) ...")
-    result["confidence_map"] = bm.bench_confidence_map(
+    result["confidence_map"] = timing.bench_confidence_map(
         cm_sizes, (1, max(batch_sizes)), iterations=iterations, warmup=1
     )
     fused = next((s for e, s in loaded if e.get("fused")), None)
@@ -149,7 +149,7 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
             (s for e, s in loaded if not e.get("fused") and s.spec.input_size == fused.spec.input_size), None
         )
         err.print("fused graph vs NumPy preprocessing ...")
-        result["fused_vs_numpy"] = bm.bench_fused_vs_numpy(
+        result["fused_vs_numpy"] = timing.bench_fused_vs_numpy(
             fused, plain, batch=max(batch_sizes), iterations=iterations, warmup=min(warmup, 2),
             slice_size=slice_size,
         )

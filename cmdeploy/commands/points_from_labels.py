@@ -47,8 +47,8 @@ def points_from_labels(
     from cmdeploy.annotator import ClickModel
     from cmdeploy.commands._common import exit_on_error
     from cmdeploy.errors import InputError
+    from cmdeploy.io.cases import load_label_names
     from cmdeploy.labels_to_points import (
-        load_label_names,
         open_label_volume,
         points_from_label_volume,
         resolve_label_ids,

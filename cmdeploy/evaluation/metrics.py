@@ -17,22 +17,16 @@ Definitions:
   the classic Hausdorff distance. Both masks empty: 0.0; exactly one empty: ``inf`` (undefined;
   :mod:`cmdeploy.evaluation` reports those objects separately instead of averaging an inf).
 
-Distances come from ``scipy.ndimage.distance_transform_edt(..., sampling=(sy, sx))`` when SciPy is
-importable, else from an exact chunked NumPy nearest-neighbour search between the two surfaces
-(same numbers, slower only for very long contours). Both work on the masks cropped to their joint
-bounding box plus a one-pixel background border, which does not change any distance.
+Distances come from ``scipy.ndimage.distance_transform_edt(..., sampling=(sy, sx))`` (the ``eval``
+extra) on the masks cropped to their joint bounding box plus a one-pixel background border, which
+does not change any distance.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
-
-DistanceBackend = Literal["auto", "scipy", "numpy"]
-_CHUNK_ELEMENTS = 1 << 20  # pairs per block of the NumPy nearest-surface search
 
 
 def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
@@ -90,44 +84,10 @@ def _joint_crop(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.pad(a[win], 1), np.pad(b[win], 1)
 
 
-def has_scipy() -> bool:
-    """Whether ``scipy.ndimage`` can be imported (used for the distance transform)."""
-    return importlib.util.find_spec("scipy") is not None
-
-
-def _resolve_backend(backend: DistanceBackend) -> str:
-    if backend == "auto":
-        return "scipy" if has_scipy() else "numpy"
-    if backend == "scipy" and not has_scipy():
-        raise ImportError(
-            "distance backend 'scipy' needs SciPy (pip install scipy, or 'cmdeploy[train]'); "
-            "use backend='numpy' or 'auto' instead"
-        )
-    if backend not in ("scipy", "numpy"):
-        raise ValueError(f"distance backend must be 'auto', 'scipy' or 'numpy', got {backend!r}")
-    return backend
-
-
-def _nearest_numpy(src: np.ndarray, dst: np.ndarray, sy: float, sx: float) -> np.ndarray:
-    """Distance (mm) from each True pixel of ``src`` to the nearest True pixel of ``dst``."""
-    sy_, sx_ = np.nonzero(src)
-    dy_, dx_ = np.nonzero(dst)
-    a = np.stack([sy_ * sy, sx_ * sx], axis=1).astype(np.float64)
-    b = np.stack([dy_ * sy, dx_ * sx], axis=1).astype(np.float64)
-    out = np.empty(len(a), dtype=np.float64)
-    step = max(1, _CHUNK_ELEMENTS // max(len(b), 1))
-    for i in range(0, len(a), step):
-        d = a[i : i + step, None, :] - b[None, :, :]
-        out[i : i + step] = np.sqrt(np.min(np.einsum("ijk,ijk->ij", d, d), axis=1))
-    return out
-
-
 def surface_distances(
     pred: np.ndarray,
     ref: np.ndarray,
     spacing: tuple[float, float] | None = None,
-    *,
-    backend: DistanceBackend = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances ``(pred -> ref, ref -> pred)`` in mm, float64 1-D arrays.
 
@@ -139,8 +99,6 @@ def surface_distances(
     sy, sx = _spacing_yx(spacing)
     p, r = _joint_crop(p, r)
     sp, sr = surface(p), surface(r)
-    if _resolve_backend(backend) == "numpy":
-        return _nearest_numpy(sp, sr, sy, sx), _nearest_numpy(sr, sp, sy, sx)
     from scipy.ndimage import distance_transform_edt
 
     to_ref = distance_transform_edt(~sr, sampling=(sy, sx))
@@ -154,7 +112,6 @@ def hausdorff(
     spacing: tuple[float, float] | None = None,
     *,
     percentile: float = 95.0,
-    backend: DistanceBackend = "auto",
 ) -> float:
     """Percentile Hausdorff distance in mm (``percentile=95``: HD95; 100: the Hausdorff distance).
 
@@ -169,7 +126,7 @@ def hausdorff(
         return 0.0
     if pe or re_:
         return float("inf")
-    d_pr, d_rp = surface_distances(p, r, spacing, backend=backend)
+    d_pr, d_rp = surface_distances(p, r, spacing)
     return float(max(np.percentile(d_pr, percentile), np.percentile(d_rp, percentile)))
 
 
@@ -177,11 +134,9 @@ def hd95(
     pred: np.ndarray,
     ref: np.ndarray,
     spacing: tuple[float, float] | None = None,
-    *,
-    backend: DistanceBackend = "auto",
 ) -> float:
     """95 % Hausdorff distance in mm (see the module docstring for the definition and conventions)."""
-    return hausdorff(pred, ref, spacing, percentile=95.0, backend=backend)
+    return hausdorff(pred, ref, spacing, percentile=95.0)
 
 
 @dataclass(frozen=True)
@@ -205,8 +160,6 @@ def score_masks(
     pred: np.ndarray,
     ref: np.ndarray,
     spacing: tuple[float, float] | None = None,
-    *,
-    backend: DistanceBackend = "auto",
 ) -> MaskScores:
     """Dice and HD95 of one object, computed on the joint bounding box (fast on big slices)."""
     p, r = _pair(pred, ref)
@@ -214,7 +167,7 @@ def score_masks(
         p, r = _joint_crop(p, r)
     return MaskScores(
         dice=dice(p, r),
-        hd95_mm=hd95(p, r, spacing, backend=backend),
+        hd95_mm=hd95(p, r, spacing),
         pred_area_px=int(np.count_nonzero(p)),
         ref_area_px=int(np.count_nonzero(r)),
     )
@@ -224,7 +177,6 @@ __all__ = [
     "MaskScores",
     "dice",
     "erode",
-    "has_scipy",
     "hausdorff",
     "hd95",
     "score_masks",
