@@ -42,6 +42,7 @@ from cmdeploy.calibration.quantize import (
 )
 from cmdeploy.calibration.reader import prepare_objects
 from cmdeploy.calibration.slices import DataSplit, SliceObject, fingerprint
+from cmdeploy.evaluation.metrics import dice
 from cmdeploy.preprocess import prepare_batch, probabilities_to_slice, sigmoid
 from cmdeploy.spec import ModelSpec
 
@@ -59,13 +60,6 @@ def make_session(model: ModelLike, *, threads: int | None = None) -> ort.Inferen
         opts.intra_op_num_threads = threads
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice of two boolean masks in [0, 1] (1.0 when both are empty)."""
-    p, r = np.asarray(pred, bool), np.asarray(ref, bool)
-    denom = int(p.sum()) + int(r.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, r).sum()) / denom
 
 
 def evaluate_dice(

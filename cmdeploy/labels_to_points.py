@@ -34,7 +34,7 @@ import numpy as np
 from cmdeploy.annotator import ClickModel, annotator_points
 from cmdeploy.errors import InputError
 from cmdeploy.guidance import extreme_points
-from cmdeploy.points_csv import PointsRow
+from cmdeploy.points_csv import PointsRow, piece_label
 
 DEFAULT_MIN_SIZE = 25  # pixels; one definition of "an object" for training, evaluation and CSVs
 DEFAULT_CONNECTIVITY = 8
@@ -205,9 +205,7 @@ def points_from_label_slice(
         else:
             pts = extreme_points(cp.crop) + np.array([x0, y0], dtype=np.float32)
         name = names.get(cp.label_id, str(cp.label_id)) if names is not None else str(cp.label_id)
-        if cp.piece > 1:
-            name = f"{name}#{cp.piece}"
-        rows.append(PointsRow(int(slice_index), name, pts.astype(np.float32)))
+        rows.append(PointsRow(int(slice_index), piece_label(name, cp.piece), pts.astype(np.float32)))
     return rows
 
 

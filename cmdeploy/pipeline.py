@@ -21,7 +21,6 @@ slices, not the series length.
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +31,9 @@ import numpy as np
 
 from cmdeploy.backends.base import batch_chunks
 from cmdeploy.errors import InputError
+from cmdeploy.points_csv import base_label
 from cmdeploy.segmenter import PreparedBatch, Segmenter, check_points, check_slice
 
-_PIECE = re.compile(r"^(.*\S)\s*#\s*\d+$")
 MAX_LABELS = int(np.iinfo(np.uint16).max)
 
 
@@ -44,13 +43,6 @@ class ObjectRow(Protocol):
     slice_index: int
     label: str
     points: np.ndarray
-
-
-def base_label(label: str) -> str:
-    """``"liver#2"`` -> ``"liver"`` (the ``#k`` piece suffix removed); other labels unchanged."""
-    text = label.strip()
-    m = _PIECE.match(text)
-    return m.group(1) if m else text
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,19 @@ POINT_COLUMNS: tuple[str, ...] = (
 SLICE_COLUMN = "slice_index"
 UID_COLUMN = "sop_instance_uid"
 LABEL_COLUMN = "label"
+_PIECE = re.compile(r"^(.*\S)\s*#\s*\d+$")
+
+
+def piece_label(name: str, piece: int) -> str:
+    """The label of piece ``piece`` (1 = the largest) of ``name`` on a slice: ``name``, ``name#2``, ..."""
+    return name if piece <= 1 else f"{name}#{piece}"
+
+
+def base_label(label: str) -> str:
+    """``"liver#2"`` -> ``"liver"`` (the ``#k`` piece suffix removed); other labels unchanged."""
+    text = label.strip()
+    m = _PIECE.match(text)
+    return m.group(1) if m else text
 MAX_REPORTED_PROBLEMS = 100
 
 

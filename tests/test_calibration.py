@@ -25,7 +25,6 @@ from cmdeploy.calibration import gate as gate_mod
 from cmdeploy.calibration.gate import (
     calibrate_model,
     conv_sensitivity,
-    dice,
     make_session,
     run_gate,
 )
@@ -53,6 +52,7 @@ from cmdeploy.calibration.slices import (
     slice_objects,
 )
 from cmdeploy.errors import ModelError
+from cmdeploy.evaluation.metrics import dice
 from cmdeploy.preprocess import prepare_batch, probabilities_to_slice, sigmoid
 from cmdeploy.spec import ModelSpec
 

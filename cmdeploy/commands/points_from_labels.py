@@ -53,7 +53,7 @@ def points_from_labels(
         points_from_label_volume,
         resolve_label_ids,
     )
-    from cmdeploy.points_csv import write_points_csv
+    from cmdeploy.points_csv import base_label, write_points_csv
 
     err = Console(stderr=True)
     with exit_on_error(err, model_errors=()):
@@ -80,7 +80,7 @@ def points_from_labels(
             )
         write_points_csv(output, rows)
     n_slices = len({r.slice_index for r in rows})
-    n_labels = len({r.label.split("#", 1)[0] for r in rows})
+    n_labels = len({base_label(r.label) for r in rows})
     err.print(
         f"wrote {len(rows)} rows ({n_labels} labels on {n_slices} slices) to {output}",
         highlight=False,

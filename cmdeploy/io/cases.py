@@ -71,7 +71,7 @@ class Case:
 def load_label_names(path: str | Path) -> dict[int, str]:
     """Read a JSON object mapping label id (number or numeric string) -> name; :class:`InputError`
     when it is unreadable, not an object, has a non-integer key, or a name that is empty or has '#'
-    (the piece suffix of :func:`cmdeploy.labels.base_label`)."""
+    (the piece suffix of :func:`cmdeploy.points_csv.base_label`)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
