@@ -52,13 +52,7 @@ def main(
 
 def _register() -> None:
     for name, module_name, func_name in _COMMANDS:
-        qualified = f"cmdeploy.commands.{module_name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ModuleNotFoundError as exc:
-            if exc.name == qualified:  # command not written yet
-                continue
-            raise
+        module = importlib.import_module(f"cmdeploy.commands.{module_name}")
         app.command(name)(getattr(module, func_name))
 
 

@@ -10,8 +10,9 @@ import pytest
 import typer
 from rich.console import Console
 
-from cmdeploy.commands._common import exit_on_error, fail, json_default
+from cmdeploy.commands._common import exit_on_error, fail
 from cmdeploy.errors import InputError, ModelError
+from cmdeploy.writers.report import json_default
 
 
 def _console() -> tuple[Console, io.StringIO]:

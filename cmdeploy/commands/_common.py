@@ -7,10 +7,9 @@ functions, so command modules may import this one at their top without slowing `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -98,16 +97,6 @@ def no_traceback(err: Console) -> Iterator[None]:
         raise typer.Exit(EXIT_MODEL) from None
 
 
-def json_default(o: Any) -> Any:
-    """``json.dumps`` fallback for result files: non-finite floats -> null, NumPy -> lists/numbers,
-    anything else -> its ``str``."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
-
-
 __all__ = [
     "EXIT_CHECK",
     "EXIT_INPUT",
@@ -116,7 +105,6 @@ __all__ = [
     "error_console",
     "exit_on_error",
     "fail",
-    "json_default",
     "no_traceback",
     "require",
     "wide_console",

@@ -44,8 +44,9 @@ def bench(
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON to this file."),
 ) -> None:
     """Benchmark models: p50/p95 latency, objects/s, GFLOP/s vs the machine's matmul peak."""
-    from cmdeploy.commands._common import error_console, exit_on_error, json_default, wide_console
+    from cmdeploy.commands._common import error_console, exit_on_error, wide_console
     from cmdeploy.errors import ModelError
+    from cmdeploy.writers.report import json_default
 
     err = error_console()
     with exit_on_error(err, model_errors=(ModelError,)):

@@ -228,10 +228,10 @@ def _safe(name: str) -> str:
 def _write_outputs(out, ev, segs, *, by_size: bool, edges, n_worst: int, err) -> None:
     import json
 
-    from cmdeploy.commands._common import json_default
     from cmdeploy.evaluation.plots import scatter_png, worst_grid_png
     from cmdeploy.evaluation.report import markdown_report, object_rows, results_rows
     from cmdeploy.evaluation.stats import summarize
+    from cmdeploy.writers.report import json_default
 
     out.write_text(RESULTS_CSV, _csv_text(results_rows(ev, by_size=by_size, edges=edges)))
     out.write_text(OBJECTS_CSV, _csv_text(list(object_rows(ev))))

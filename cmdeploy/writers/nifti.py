@@ -153,14 +153,6 @@ def series_geometry(series: Series) -> tuple[np.ndarray, int, int]:
     return np.diag([sx, sy, 1.0, 1.0]), 0, 0
 
 
-def slices_to_volume(slices: np.ndarray) -> np.ndarray:
-    """(N, H, W) slices -> (X, Y, Z) = (W, H, N) NIfTI data with ``data[:, :, k].T == slices[k]``."""
-    arr = np.asarray(slices)
-    if arr.ndim != 3:
-        raise ValueError(f"slices must be (N, H, W), got shape {arr.shape}")
-    return np.ascontiguousarray(arr.transpose(2, 1, 0))
-
-
 def output_grid(series: Series, slice_volume: np.ndarray) -> np.ndarray:
     """Map a slice-layout ``(W, H, N)`` array (``vol[:, :, k].T`` = slice k) onto the output grid.
 

@@ -63,11 +63,6 @@ def color_for_value(value: int) -> tuple[int, int, int]:
     return PALETTE[(int(value) - 1) % len(PALETTE)]
 
 
-def label_colors(values: Mapping[str, int]) -> dict[str, tuple[int, int, int]]:
-    """RGB colour per label from a label -> value map."""
-    return {label: color_for_value(v) for label, v in values.items()}
-
-
 def resolve_window(
     window: tuple[float, float] | None = None, spec: ModelSpec | None = None
 ) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -175,19 +176,19 @@ def build_report(
     return report
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"report value of type {type(obj).__name__} is not JSON serialisable")
+def json_default(o: Any) -> Any:
+    """The ``json.dumps`` fallback of every JSON file cmdeploy writes: NumPy scalars and arrays ->
+    numbers and lists, non-finite floats -> null, anything else (paths, ...) -> its ``str``."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
 
 
 def report_json(report: Mapping[str, Any]) -> str:
     """Serialise a report (NumPy scalars/arrays and paths converted; NaN refused)."""
-    return json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
+    return json.dumps(report, indent=2, allow_nan=False, default=json_default) + "\n"
 
 
 def write_report(path: str | Path, report: Mapping[str, Any]) -> Path:
