@@ -5,8 +5,8 @@ Steps of :func:`export_onnx`:
 1. load the :class:`~cmdeploy.train.checkpoint.Checkpoint`, build the model in eval mode,
 2. fold every BatchNorm into the conv before it, in torch (``fuse_conv_bn_eval``),
 3. ``torch.onnx.export(dynamo=False)``: the TorchScript exporter gives the cleaner graph for this
-   network (in 0.1 s; the dynamo exporter ends with the same nodes after folding, takes ~40x longer
-   and only emits opset >= 18, converting down); batch axis dynamic, C and S fixed,
+   network (the dynamo exporter ends with the same nodes after folding, is much slower and only
+   emits opset >= 18, converting down; docs/results.md); batch axis dynamic, C and S fixed,
 4. constant folding with onnx-graphsurgeon (``fold_constants().cleanup().toposort()``): the
    head's pooling/resize matrices become initializers, no ``Constant``/``Identity`` nodes remain,
 5. the model card in ``metadata_props`` (:func:`model_card`), ``onnx.checker`` (full check),

@@ -314,34 +314,49 @@ def _subsample(samples: list, cap: int | None, seed: int) -> list:
     return [samples[i] for i in keep]
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Train per ``cfg``; returns the checkpoint paths (rank 0) and metrics history."""
+@dataclass
+class _Progress:
+    """What survives from epoch to epoch (and through a resume): the last finished epoch, the best
+    validation Dice and its metrics, and one record per finished epoch."""
+
+    start_epoch: int = 0
+    best: float = -1.0
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """Threads, device and (under torchrun) the process group; returns (rank, world, device)."""
     rank, world, local = _dist_info()
-    distributed = world > 1
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = _device(cfg.device, local)
-    if distributed and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return rank, world, device
 
-    resume_ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
-    if resume_ckpt is not None:
-        model_config, spec = resume_ckpt.model_config, resume_ckpt.spec
-        info = resume_ckpt.train_info
+
+def _model_spec(cfg: TrainConfig, resume: Checkpoint | None) -> tuple[TrainConfig, Any, ModelSpec]:
+    """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture and split."""
+    if resume is not None:
+        info = resume.train_info
         cfg = replace(
             cfg,
             train_cases=tuple(info.get("split", {}).get("train", cfg.train_cases)),
             val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
-            guidance=spec.guidance,
+            guidance=resume.spec.guidance,
         )
-    else:
-        overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
-        probe = make_config(cfg.config, 1, **overrides)
-        spec = ModelSpec.for_input_size(probe.input_size, guidance=cfg.guidance)
-        model_config = make_config(cfg.config, spec.num_channels, **overrides)
+        return cfg, resume.model_config, resume.spec
+    overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
+    probe = make_config(cfg.config, 1, **overrides)
+    spec = ModelSpec.for_input_size(probe.input_size, guidance=cfg.guidance)
+    return cfg, make_config(cfg.config, spec.num_channels, **overrides), spec
 
+
+def _load_data(cfg: TrainConfig, rank: int) -> tuple[dict[str, list], list, list, list, list]:
+    """(splits, train volumes, val volumes, train samples, val samples); InputError when empty."""
     splits = _resolve_splits(cfg)
     t0 = time.perf_counter()
     train_vols = [c.load() for c in splits["train"]]
@@ -358,38 +373,185 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         f"loaded in {time.perf_counter() - t0:.1f} s",
         rank,
     )
+    return splits, train_vols, val_vols, train_samples, val_samples
+
+
+def _recipe_metrics(cfg: TrainConfig) -> dict[str, Any]:
+    """Without validation: the validation metrics of the same recipe's held-out run, if given."""
+    if cfg.validate or not cfg.recipe_checkpoint:
+        return {}
+    recipe = Checkpoint.load(cfg.recipe_checkpoint)
+    metrics = dict(recipe.metrics)
+    history_tail = recipe.train_info.get("history", [])[-1:]
+    if history_tail:  # this model keeps its last epoch: the recipe's last-epoch validation applies
+        metrics["last_epoch"] = history_tail[0]
+    metrics["validated_by"] = {
+        "checkpoint": str(Path(cfg.recipe_checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(cfg.recipe_checkpoint),
+        "split": recipe.train_info.get("split", {}),
+        "note": "validation Dice of the same recipe trained without the validation case(s); "
+        "this model was trained on all cases, so no held-out data remained",
+    }
+    return metrics
+
+
+def _resume(
+    ckpt: Checkpoint | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+    rank: int,
+) -> _Progress:
+    """Restore weights, optimiser state and progress from ``ckpt`` (a fresh start when None)."""
+    if ckpt is None:
+        return _Progress()
+    model.load_state_dict(ckpt.state_dict)
+    if ckpt.optimizer_state is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    info = ckpt.train_info
+    state = _Progress(
+        start_epoch=int(ckpt.epoch or 0),
+        best=float(info.get("best_val_dice", -1.0)),
+        best_metrics=dict(info.get("best_metrics", {})),
+        history=list(info.get("history", [])),
+    )
+    _log(f"resumed from {cfg.resume} after epoch {state.start_epoch}", rank)
+    return state
+
+
+def _train_info(
+    cfg: TrainConfig, splits: dict[str, list], spec: ModelSpec, model_config: Any, *,
+    samples_per_epoch: int, num_train: int, num_val: int, world: int,
+) -> dict[str, Any]:
+    """The run's provenance, stored in every checkpoint (history and best metrics are added)."""
+    return {
+        "data": [str(Path(d).resolve()) for d in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)],
+        "split": {k: [c.name for c in v] for k, v in splits.items()},
+        "command": cfg.command or shlex.join(sys.argv),
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "guidance": spec.guidance,
+        "config": cfg.config,
+        "model_config": model_config.to_dict(),
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "betas": list(cfg.betas),
+        "schedule": f"linear warm-up {cfg.warmup_frac:g} then cosine",
+        "samples_per_epoch": samples_per_epoch,
+        "num_train_samples": num_train,
+        "num_val_samples": num_val,
+        "min_pixels": cfg.min_pixels,
+        "augment": cfg.augment.to_dict(),
+        "world_size": world,
+        "torch": str(torch.__version__),
+    }
+
+
+def _train_epoch(
+    cfg: TrainConfig, epoch: int, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    loader: Any, sampler: EpochSampler, device: torch.device, scaler: Any, *,
+    steps_per_epoch: int, rank: int, world: int,
+) -> dict[str, Any]:
+    """One epoch of optimisation (learning rate per step); returns its history record."""
+    sampler.set_epoch(epoch)
+    torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout stream: resumable without RNG state
+    total_steps = steps_per_epoch * cfg.epochs
+    t_epoch = time.perf_counter()
+    losses = []
+    it = loader
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
+    for step, batch in enumerate(it):
+        lr = lr_at(epoch * steps_per_epoch + step, total_steps, cfg.lr, cfg.warmup_frac)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        losses.append(train_step(net, optimizer, batch, device, scaler))
+        if cfg.progress and rank == 0:
+            it.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
+    train_time = time.perf_counter() - t_epoch
+    n_seen = len(losses) * cfg.batch_size * world
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_s": round(train_time, 2),
+        "samples_per_s": round(n_seen / max(train_time, 1e-9), 2),
+    }
+    _log(
+        f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, {train_time:.1f} s, "
+        f"{record['samples_per_s']:.2f} samples/s",
+        rank,
+    )
+    return record
+
+
+def _end_epoch(
+    cfg: TrainConfig, epoch: int, record: dict[str, Any], state: _Progress, *, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, val_ds: ValDataset, device: torch.device, use_amp: bool,
+    spec: ModelSpec, model_config: Any, train_info: dict[str, Any], recipe_metrics: dict[str, Any],
+    out: Path,
+) -> None:
+    """Rank 0 after an epoch: validate when due, update the best, write ``last.pt`` (and
+    ``best.pt`` when validation improved, or at the final epoch of a run without validation)."""
+    do_val = cfg.validate and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+    metrics: dict[str, Any] = {}
+    if do_val:
+        t_val = time.perf_counter()
+        metrics = validate(
+            model, val_ds, device, batch_size=max(cfg.batch_size, 8),
+            num_workers=cfg.num_workers, amp=use_amp, progress=cfg.progress,
+        )
+        record["val_s"] = round(time.perf_counter() - t_val, 2)
+        record["val_dice"] = metrics["val_dice"]
+        record["val_dice_per_label"] = metrics["dice"]
+        _log(f"  validation {record['val_s']:.1f} s\n{format_metrics(metrics)}", 0)
+    state.history.append(record)
+    improved = do_val and metrics["val_dice"] > state.best
+    if not cfg.validate and epoch + 1 == cfg.epochs:  # no validation: keep the final epoch
+        improved, state.best_metrics = True, recipe_metrics
+    elif improved:
+        state.best = metrics["val_dice"]
+        state.best_metrics = {
+            "val_dice": metrics["val_dice"],
+            "val_dice_samples": metrics["val_dice_samples"],
+            "val_dice_per_label": metrics["dice"],
+            "val_dice_std_per_label": metrics["dice_std"],
+            "val_count_per_label": metrics["count"],
+            "epoch": epoch + 1,
+        }
+    info = dict(train_info, history=state.history, best_val_dice=state.best, best_metrics=state.best_metrics)
+    ckpt = Checkpoint.from_model(
+        model, spec, model_config=model_config, train_info=info,
+        metrics=state.best_metrics, epoch=epoch + 1, optimizer=optimizer,
+    )
+    ckpt.save(out / "last.pt")
+    if improved:
+        ckpt.save(out / "best.pt")
+        if cfg.validate:
+            _log(f"  new best val Dice {100 * state.best:.2f} -> {out / 'best.pt'}", 0)
+        else:
+            _log(f"  final epoch (no validation) -> {out / 'best.pt'}", 0)
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train per ``cfg``; returns the checkpoint paths (rank 0) and metrics history.
+
+    Steps: setup (device, process group), model and spec (or the resumed checkpoint's), data,
+    model and optimiser, resume, then per epoch :func:`_train_epoch` and :func:`_end_epoch`
+    (validation and checkpoints, rank 0).
+    """
+    rank, world, device = _setup(cfg)
+    distributed = world > 1
+    resume_ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
+    cfg, model_config, spec = _model_spec(cfg, resume_ckpt)
+    splits, train_vols, val_vols, train_samples, val_samples = _load_data(cfg, rank)
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
     )
-    start_epoch, best, history = 0, -1.0, []
-    best_metrics: dict[str, Any] = {}
-    recipe_metrics: dict[str, Any] = {}
-    if not cfg.validate and cfg.recipe_checkpoint:
-        recipe = Checkpoint.load(cfg.recipe_checkpoint)
-        recipe_metrics = dict(recipe.metrics)
-        history_tail = recipe.train_info.get("history", [])[-1:]
-        if history_tail:  # this model keeps its last epoch: the recipe's last-epoch validation applies
-            recipe_metrics["last_epoch"] = history_tail[0]
-        recipe_metrics["validated_by"] = {
-            "checkpoint": str(Path(cfg.recipe_checkpoint).resolve()),
-            "checkpoint_sha256": file_sha256(cfg.recipe_checkpoint),
-            "split": recipe.train_info.get("split", {}),
-            "note": "validation Dice of the same recipe trained without the validation case(s); "
-            "this model was trained on all cases, so no held-out data remained",
-        }
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt.state_dict)
-        if resume_ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(resume_ckpt.optimizer_state)
-        start_epoch = int(resume_ckpt.epoch or 0)
-        info = resume_ckpt.train_info
-        best = float(info.get("best_val_dice", -1.0))
-        best_metrics = dict(info.get("best_metrics", {}))
-        history = list(info.get("history", []))
-        _log(f"resumed from {cfg.resume} after epoch {start_epoch}", rank)
+    recipe_metrics = _recipe_metrics(cfg)
+    state = _resume(resume_ckpt, model, optimizer, cfg, rank)
     net: torch.nn.Module = model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -412,7 +574,6 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         persistent_workers=cfg.num_workers > 0,
     )
     steps_per_epoch = len(sampler) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
     _log(
         f"model: {cfg.config} {model_config} ({count_parameters(model) / 1e6:.2f} M params), "
         f"spec input {spec.input_size} channels {spec.channels}; device {device}"
@@ -420,104 +581,25 @@ def run_training(cfg: TrainConfig) -> TrainResult:
         f"{cfg.epochs} epochs, batch {cfg.batch_size}",
         rank,
     )
-
     out = Path(cfg.out_dir)
     best_path, last_path = out / "best.pt", out / "last.pt"
-    train_info_base = {
-        "data": [str(Path(d).resolve()) for d in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)],
-        "split": {k: [c.name for c in v] for k, v in splits.items()},
-        "command": cfg.command or shlex.join(sys.argv),
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "guidance": spec.guidance,
-        "config": cfg.config,
-        "model_config": model_config.to_dict(),
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "weight_decay": cfg.weight_decay,
-        "betas": list(cfg.betas),
-        "schedule": f"linear warm-up {cfg.warmup_frac:g} then cosine",
-        "samples_per_epoch": len(sampler) * world,
-        "num_train_samples": len(train_samples),
-        "num_val_samples": len(val_samples),
-        "min_pixels": cfg.min_pixels,
-        "augment": cfg.augment.to_dict(),
-        "world_size": world,
-        "torch": str(torch.__version__),
-    }
+    train_info = _train_info(
+        cfg, splits, spec, model_config, samples_per_epoch=len(sampler) * world,
+        num_train=len(train_samples), num_val=len(val_samples), world=world,
+    )
 
     net.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # dropout stream: resumable without RNG state
-        t_epoch = time.perf_counter()
-        losses = []
-        it = loader
-        if cfg.progress and rank == 0:
-            from tqdm import tqdm
-
-            it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, leave=False)
-        for step, batch in enumerate(it):
-            lr = lr_at(epoch * steps_per_epoch + step, total_steps, cfg.lr, cfg.warmup_frac)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            losses.append(train_step(net, optimizer, batch, device, scaler))
-            if cfg.progress and rank == 0:
-                it.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
-        train_time = time.perf_counter() - t_epoch
-        n_seen = len(losses) * cfg.batch_size * world
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "train_s": round(train_time, 2),
-            "samples_per_s": round(n_seen / max(train_time, 1e-9), 2),
-        }
-        _log(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, {train_time:.1f} s, "
-            f"{record['samples_per_s']:.2f} samples/s",
-            rank,
+    for epoch in range(state.start_epoch, cfg.epochs):
+        record = _train_epoch(
+            cfg, epoch, net, optimizer, loader, sampler, device, scaler,
+            steps_per_epoch=steps_per_epoch, rank=rank, world=world,
         )
-        do_val = cfg.validate and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
         if rank == 0:
-            metrics: dict[str, Any] = {}
-            if do_val:
-                t_val = time.perf_counter()
-                metrics = validate(
-                    model, val_ds, device, batch_size=max(cfg.batch_size, 8),
-                    num_workers=cfg.num_workers, amp=use_amp, progress=cfg.progress,
-                )
-                record["val_s"] = round(time.perf_counter() - t_val, 2)
-                record["val_dice"] = metrics["val_dice"]
-                record["val_dice_per_label"] = metrics["dice"]
-                _log(f"  validation {record['val_s']:.1f} s\n{format_metrics(metrics)}", rank)
-            history.append(record)
-            improved = do_val and metrics["val_dice"] > best
-            if not cfg.validate and epoch + 1 == cfg.epochs:  # no validation: keep the final epoch
-                improved, best_metrics = True, recipe_metrics
-            elif improved:
-                best = metrics["val_dice"]
-                best_metrics = {
-                    "val_dice": metrics["val_dice"],
-                    "val_dice_samples": metrics["val_dice_samples"],
-                    "val_dice_per_label": metrics["dice"],
-                    "val_dice_std_per_label": metrics["dice_std"],
-                    "val_count_per_label": metrics["count"],
-                    "epoch": epoch + 1,
-                }
-            info = dict(
-                train_info_base, history=history, best_val_dice=best, best_metrics=best_metrics
+            _end_epoch(
+                cfg, epoch, record, state, model=model, optimizer=optimizer, val_ds=val_ds,
+                device=device, use_amp=use_amp, spec=spec, model_config=model_config,
+                train_info=train_info, recipe_metrics=recipe_metrics, out=out,
             )
-            ckpt = Checkpoint.from_model(
-                model, spec, model_config=model_config, train_info=info,
-                metrics=best_metrics, epoch=epoch + 1, optimizer=optimizer,
-            )
-            ckpt.save(last_path)
-            if improved:
-                ckpt.save(best_path)
-                if cfg.validate:
-                    _log(f"  new best val Dice {100 * best:.2f} -> {best_path}", rank)
-                else:
-                    _log(f"  final epoch (no validation) -> {best_path}", rank)
         if distributed:
             dist.barrier()
 
@@ -528,8 +610,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         best_path if rank == 0 and best_path.exists() else None,
         last_path if rank == 0 and last_path.exists() else None,
-        best_metrics,
-        history,
+        state.best_metrics,
+        state.history,
     )
 
 

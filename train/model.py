@@ -97,9 +97,7 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
     "paper": ModelConfig(
         depth=101, base_width=64, input_size=512, in_channels=2, psp_channels=512, dropout=0.1
     ),
-    # CPU-trainable: ResNet-18 at 3/8 width, 256 x 256 crops; 1.88M params (7.2 MiB fp32).
-    # Adam step on a batch of 16 (2 CPU threads): ~0.7 s (width 16: 0.36 s, width 32: 1.0 s),
-    # ~1.2 s when only one core is free -> ~30-50k samples in 40 minutes of training.
+    # CPU-trainable: ResNet-18 at 3/8 width, 256 x 256 crops (step times: docs/results.md, Training)
     "compact": ModelConfig(
         depth=18, base_width=24, input_size=256, in_channels=2, psp_channels=64, dropout=0.1
     ),
