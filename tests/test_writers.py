@@ -27,6 +27,26 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
 
+def write_series_nifti(path: Path, series) -> Path:
+    """The whole Series as an int16 HU NIfTI with its geometry (a CT to check labels against)."""
+    from cmdeploy.writers.nifti import output_grid, series_geometry, write_nifti_volume
+
+    h, w = series.shape
+    vol = np.empty((w, h, series.num_slices), dtype=np.int16)
+    for k, sl in series.iter_slices():
+        vol[:, :, k] = np.clip(np.rint(sl), -32768, 32767).astype(np.int16).T
+    affine, qcode, scode = series_geometry(series)
+    return write_nifti_volume(path, output_grid(series, vol), affine, qform_code=qcode, sform_code=scode)
+
+
+def write_overlay_png(path: Path, slice_hu: np.ndarray, objects, **kwargs) -> Path:
+    """Render an overlay and write it as PNG."""
+    from cmdeploy.writers.png_overlay import png_bytes, render_overlay
+
+    path.write_bytes(png_bytes(render_overlay(slice_hu, objects, **kwargs)))
+    return path
+
+
 def _ct_small() -> Path:
     from pydicom.data import get_testdata_file
 
@@ -220,7 +240,7 @@ def _same_voxels_stored(tmp_path: Path, ras: np.ndarray, ras_affine: np.ndarray)
 def test_nifti_labels_overlay_ras_lps_and_permuted_inputs(tmp_path: Path) -> None:
     """One slice-frame mask -> labels on each input's own grid, at the same mm positions."""
     from cmdeploy.io import read_nifti
-    from cmdeploy.writers.nifti import write_nifti_labels, write_series_nifti
+    from cmdeploy.writers.nifti import write_nifti_labels
 
     X, Y, Z = 6, 5, 4
     ras = np.arange(X * Y * Z, dtype=np.int16).reshape(X, Y, Z)  # i -> right, j -> anterior
@@ -282,7 +302,7 @@ def test_dicom_affine_warns_on_uneven_spacing() -> None:
 
 def test_nifti_labels_from_dicom_series(tmp_path: Path) -> None:
     from cmdeploy.io import read_dicom_series
-    from cmdeploy.writers.nifti import write_nifti_labels, write_series_nifti
+    from cmdeploy.writers.nifti import write_nifti_labels
 
     write_ct_series(tmp_path / "dcm", [-70.7, -75.7, -65.7])
     series = read_dicom_series(tmp_path / "dcm")
@@ -359,7 +379,7 @@ def test_mask_contour_properties(seed: int) -> None:
 def test_render_overlay_colours_the_mask(tmp_path: Path) -> None:
     from PIL import Image
 
-    from cmdeploy.writers.png_overlay import color_for_value, write_overlay_png
+    from cmdeploy.writers.png_overlay import color_for_value
 
     h, w = 40, 60
     hu = np.linspace(-300, 400, h * w, dtype=np.float32).reshape(h, w)

@@ -235,18 +235,3 @@ def write_nifti_labels(
     affine, qcode, scode = series_geometry(series)
     write_nifti_volume(path, vol, affine, qform_code=qcode, sform_code=scode, intent=_NIFTI_INTENT_LABEL)
     return values
-
-
-def write_series_nifti(path: str | Path, series: Series) -> Path:
-    """Write the whole Series (e.g. a DICOM folder) as an int16 HU NIfTI with its geometry.
-
-    HU are rounded and clipped to int16. Reads every slice once (one slice in memory at a time
-    besides the output volume). A NIfTI input is written back on its own grid (:func:`output_grid`).
-    """
-    h, w = series.shape
-    vol = np.empty((w, h, series.num_slices), dtype=np.int16)
-    info = np.iinfo(np.int16)
-    for k, sl in series.iter_slices():
-        vol[:, :, k] = np.clip(np.rint(sl), info.min, info.max).astype(np.int16).T
-    affine, qcode, scode = series_geometry(series)
-    return write_nifti_volume(path, output_grid(series, vol), affine, qform_code=qcode, sform_code=scode)

@@ -193,13 +193,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_overlay_png(
-    path: str | Path, slice_hu: np.ndarray, objects: Sequence[SegmentedObject], **kwargs: Any
-) -> Path:
-    """Render :func:`render_overlay` (same keyword arguments) and write it atomically as PNG."""
-    return atomic_write_bytes(path, png_bytes(render_overlay(slice_hu, objects, **kwargs)))
-
-
 def write_series_overlays(
     out: OutputDir | str | Path,
     series: Series,
