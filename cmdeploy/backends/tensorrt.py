@@ -194,11 +194,11 @@ class TensorRTRunner:
     """
 
     def __init__(self, engine_path: str | Path, *, device: int = 0, check: bool = True) -> None:
+        path = Path(engine_path)
+        if not path.is_file():  # the user's input, before any dependency: as every runner
+            raise InputError(f"TensorRT engine {path} not found")
         trt = import_tensorrt()
         cuda = _import_polygraphy_cuda()
-        path = Path(engine_path)
-        if not path.is_file():
-            raise InputError(f"TensorRT engine {path} not found")
         self.engine_path = path
         self.sidecar = EngineSidecar.read(sidecar_path(path))
         self.spec: ModelSpec = self.sidecar.model_spec
