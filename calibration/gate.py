@@ -52,10 +52,20 @@ SENSITIVITY_OBJECTS = 8
 ModelLike = onnx.ModelProto | str | Path
 
 
-def make_session(model: ModelLike, *, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session for a ModelProto or a path (``threads`` intra-op threads)."""
+def make_session(
+    model: ModelLike, *, threads: int | None = None, fake_quant: bool = False
+) -> ort.InferenceSession:
+    """A CPU onnxruntime session for a ModelProto or a path (``threads`` intra-op threads).
+
+    ``fake_quant``: run Q/DQ pairs as float quantize-dequantize instead of fusing them into
+    onnxruntime's integer kernels. That is what an int32-accumulating engine (TensorRT) computes;
+    onnxruntime's x86 kernels without VNNI add products in int16 and would score the TensorRT
+    target's full-range int8 weights lower than TensorRT runs them.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if fake_quant:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
@@ -365,7 +375,8 @@ def calibrate_model(
 
         def score_fn(m: onnx.ModelProto) -> np.ndarray:
             say("INT8 Dice on the held-out objects")
-            return evaluate_dice(make_session(m, threads=threads), split.evaluation, spec)
+            session = make_session(m, threads=threads, fake_quant=recipe.target == "tensorrt")
+            return evaluate_dice(session, split.evaluation, spec)
 
         def rank_fn(m: onnx.ModelProto) -> list[str]:
             say("layer sensitivity (SQNR lost per conv)")
