@@ -448,7 +448,7 @@ def _check_qdq(g: _Graph, out: list[Finding], meta: Mapping[str, str]) -> None:
             if target == "cpu"
             else "quantized in a way TensorRT cannot build"
         )
-        out.append(Finding(ERROR, "int8-target", f"this is {what}; {CALIBRATE_HINT}"))
+        out.insert(0, Finding(ERROR, "int8-target", f"this is {what}; {CALIBRATE_HINT}"))  # lead
 
 
 def _check_profiles(
