@@ -458,3 +458,38 @@ def test_sidecar_json_lists_full_profile_shapes(tmp_path, fake_trt):
     data = json.loads(sidecar_path(engine).read_text())
     assert data["input_shapes"]["slices"]["max"] == [32, 1024, 1024]
     assert data["output_shapes"]["probabilities"] == [-1, -1, -1]
+
+
+# ------------------------------------------------------------------------------ the GPU script
+def _parity_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "trt_parity", Path(__file__).resolve().parents[1] / "benchmarks" / "trt_parity.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parity_script_without_tensorrt_exits_2(tmp_path, no_tensorrt, capsys):
+    assert _parity_script().main(["--out", str(tmp_path / "o")]) == 2
+    assert "needs TensorRT and an NVIDIA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parity_script_feeds_are_real_model_inputs():
+    from cmdeploy.export.parity import ct_small_cases
+
+    script = _parity_script()
+    cases = ct_small_cases()
+    for name in ("cmdeploy-default.onnx", "cmdeploy-default.fused.onnx"):
+        path = MODELS / name
+        if not path.is_file():
+            pytest.skip(f"{name} not shipped")
+        feeds = script.feeds_for(path, cases)
+        assert sum(len(next(iter(f.values()))) for f in feeds) == len(cases)
+        assert all(len(next(iter(f.values()))) <= script.BATCH for f in feeds)
+        model = onnx.load(str(path), load_external_data=False)
+        assert set(feeds[0]) == {i.name for i in model.graph.input}
+        assert all(a.dtype == np.float32 for f in feeds for a in f.values())
