@@ -149,6 +149,11 @@ def export(
             fail(f"Triton repository: {exc}")
         for name, folder in folders.items():
             typer.echo(f"wrote Triton model {name!r} in {folder}")
+        if engine is not None and triton_tensorrt_version is None:
+            typer.echo(
+                "note: the plan loads only in a Triton container with the TensorRT major.minor that "
+                "built it; pass --triton-tensorrt-version to check"
+            )
 
 
 def _check_export_options(
