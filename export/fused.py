@@ -52,15 +52,14 @@ import torch
 from torch import nn
 
 from cmdeploy.export.parity import ParityCase, ParityReport, compare_outputs, footprints
+from cmdeploy.export.trt_ops import MAX_GRIDSAMPLE_OPSET
 from cmdeploy.spec import ModelSpec
 
 FUSED_INPUTS = ("slices", "points")
 FUSED_OUTPUT = "probabilities"
 DEBUG_OUTPUTS = ("network_input", "crop_probabilities")
 DEFAULT_FUSED_OPSET = 17  # GridSample exists from opset 16
-# from opset 20 GridSample's bilinear mode is spelt "linear", which older TensorRT parsers read
-# as nearest; the fused graph stays at <= 19
-MAX_FUSED_OPSET = 19
+MAX_FUSED_OPSET = MAX_GRIDSAMPLE_OPSET  # GridSample's mode is spelt "linear" from opset 20
 FUSED_MIN_MASK_AGREEMENT = 0.995  # vs the NumPy runtime path, fraction of footprint pixels
 FUSED_MIN_DICE = 0.995
 

@@ -232,7 +232,7 @@ def _check_ops(g: _Graph, out: list[Finding]) -> None:
 def _check_node(g: _Graph, n: onnx.NodeProto, out: list[Finding]) -> None:
     op = n.op_type
     if op == "GridSample":
-        if g.opset >= 20:
+        if g.opset > trt_ops.MAX_GRIDSAMPLE_OPSET:
             out.append(
                 Finding(
                     ERROR,

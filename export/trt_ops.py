@@ -20,6 +20,9 @@ SOURCE = (
 PARSER_VERSION = "10.15"
 OPSET_RANGE = (9, 24)  # inclusive, TensorRT 10.15
 OPSET_MAX_TRT_10_0 = 20  # TensorRT 10.0's parser
+# from opset 20 GridSample's bilinear mode is spelt "linear", which older parsers read as nearest:
+# graphs with GridSample (cmdeploy's fused graph) stay at <= 19
+MAX_GRIDSAMPLE_OPSET = 19
 
 _F = ("FP32", "FP16", "BF16")
 _FI = (*_F, "INT32", "INT64")
@@ -111,6 +114,7 @@ RESIZE_COORDINATE_MODES = frozenset(
 RESIZE_MODES = frozenset({"nearest", "linear"})
 
 __all__ = [
+    "MAX_GRIDSAMPLE_OPSET",
     "OPSET_MAX_TRT_10_0",
     "OPSET_RANGE",
     "PARSER_VERSION",

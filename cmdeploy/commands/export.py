@@ -166,7 +166,7 @@ def _check_export_options(
     precision: str,
 ) -> None:
     """Everything about a checkpoint export that can be refused before the export runs."""
-    from cmdeploy.export.fused import MAX_FUSED_OPSET
+    from cmdeploy.export.trt_ops import MAX_GRIDSAMPLE_OPSET as MAX_FUSED_OPSET  # torch-free
 
     if not checkpoint.is_file():
         fail(f"--checkpoint {checkpoint} not found")
