@@ -45,7 +45,8 @@ bench: $(STAMP)
 
 ## model: retrain the shipped default from ../shared/data (not part of CI; about 45 min on 2 cores).
 ## 1) the recipe, validated on a held-out patient; 2) the same recipe on both patients (shipped);
-## 3) plain + fused ONNX; 4) INT8 for CPU, gated on Dice of the held-out patient.
+## 3) plain + fused ONNX (float32 geometry: TensorRT has no FP64); 4) INT8 for CPU, gated on Dice of
+## the held-out patient; 5) the TensorRT-compatibility lint of the plain and fused models.
 RECIPE = --data $(DATA) --guidance cm --config compact --epochs 14 --samples-per-epoch 1536 \
          --batch-size 8 --lr 1e-3 --seed 0 --threads 2 --no-progress
 MODELS = cmdeploy/models
@@ -53,9 +54,12 @@ model: $(STAMP)
 	$(BIN)/cmdeploy train $(RECIPE) --train-cases abdomen_3mm --val-cases thorax_1p5mm --out runs/compact_cm
 	$(BIN)/cmdeploy train $(RECIPE) --no-validation --recipe-checkpoint runs/compact_cm/last.pt --out runs/compact_cm_all
 	$(BIN)/cmdeploy export --checkpoint runs/compact_cm_all/best.pt --output $(MODELS)/cmdeploy-default.onnx
-	$(BIN)/cmdeploy export --checkpoint runs/compact_cm_all/best.pt --fused --output $(MODELS)/cmdeploy-default.fused.onnx
+	$(BIN)/cmdeploy export --checkpoint runs/compact_cm_all/best.pt --fused --fused-geometry float32 \
+		--output $(MODELS)/cmdeploy-default.fused.onnx
 	$(BIN)/cmdeploy calibrate --model $(MODELS)/cmdeploy-default.onnx --data $(DATA) --target cpu \
 		--output $(MODELS)/cmdeploy-default.int8.onnx
+	$(BIN)/cmdeploy verify --target tensorrt $(MODELS)/cmdeploy-default.onnx
+	$(BIN)/cmdeploy verify --target tensorrt $(MODELS)/cmdeploy-default.fused.onnx
 
 ## table1: CM vs EP vs CM+EP with one identical short recipe (train abdomen, evaluate thorax)
 SHORT = --data $(DATA) --config compact --epochs 4 --samples-per-epoch 1024 --batch-size 8 --lr 1e-3 \

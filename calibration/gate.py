@@ -295,7 +295,8 @@ class CalibrationResult:
         report: the gate's report (FP32 vs INT8 Dice, attempts).
         model: the INT8 model of the last attempt, metadata set (also when the gate failed).
         output: the file written, or None (gate failed or no output asked for).
-        trt_cache: the TensorRT 10 calibration cache written, or None.
+        trt_cache: the TensorRT 10 calibration cache written (trtexec/Polygraphy input, implicit
+            INT8; cmdeploy never reads it), or None (CPU target, percentile ranges, gate failed).
         prepared: the prepared float model (rewrites, float tail, hashes).
         ranges_from_cache: the ranges came from the cache folder.
         summary: :func:`cmdeploy.calibration.quantize.qdq_summary` of the INT8 model.
@@ -328,8 +329,9 @@ def calibrate_model(
 ) -> CalibrationResult:
     """Calibrate, quantize and gate ``model_path``; write ``output`` only when the gate passes.
 
-    With ``recipe.target == "tensorrt"`` a TensorRT 10 calibration cache is written next to the
-    output (``<output stem>.calibration.cache``).
+    With ``recipe.target == "tensorrt"`` (and MinMax or entropy ranges) a TensorRT 10 calibration
+    cache is written next to the output (``<output stem>.calibration.cache``), for trtexec or
+    Polygraphy; TensorRT 11 and cmdeploy's own build use the Q/DQ model only.
     """
     say = progress or (lambda _msg: None)
     with tempfile.TemporaryDirectory(prefix="cmdeploy-int8-") as tmp:
@@ -423,6 +425,7 @@ def calibrate_model(
                     out.with_name(out.name.removesuffix(".onnx") + ".calibration.cache"),
                     prepared,
                     ranges,
+                    method=recipe.method,
                     trt_version=trt_version,
                 )
         return CalibrationResult(report, model, written, trt, prepared, from_cache, qdq_summary(model))

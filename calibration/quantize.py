@@ -23,17 +23,20 @@ Targets (:class:`Recipe`):
   per channel with a **7-bit range** (``reduce_range``): on x86 CPUs without VNNI (AVX2 only)
   MLAS's u8 x s8 kernels add pairs of products in int16, which saturates with full-range weights
   (255 * 127 * 2 > 32767) and costs several Dice points; 7-bit weights fit, so one INT8 file gives
-  the same masks on every x86 CPU. Measured on this project's AVX-512-VNNI CPU (AMD EPYC, compact model, batch 16,
-  one thread): int8 activations give 1.3x over FP32, uint8 3.1x (3.3x with the rewrites), because
+  the same masks on every x86 CPU. uint8 activations rather than int8 because
   MLAS's symmetric conv kernel (indirect conv, requantisation fused) exists for u8 x s8 only. ReLU
   is folded into the preceding QuantizeLinear (asymmetric ranges start at 0), so onnxruntime runs
   Conv+ReLU and Add+ReLU as one QLinearConv / QLinearAdd. The head's constant pooling /
   interpolation matrices are quantized as uint8 so that every head MatMul becomes a QLinearMatMul.
 * ``tensorrt``: symmetric int8 activations and weights (zero points 0, what TensorRT's explicit
   quantization requires), Q/DQ on the inputs of Conv / MatMul / Add / Concat / MaxPool only
-  (:attr:`Recipe.op_types`), no graph rewrites. TensorRT 10 can also use the implicit-quantization
-  calibration cache written by :func:`write_trt_calibration_cache`; TensorRT 11 removed implicit
-  INT8 calibrators and builds INT8 from the Q/DQ model only.
+  (:attr:`Recipe.op_types`), no graph rewrites, biases left float (``QuantizeBias`` off:
+  TensorRT's DequantizeLayer takes int8, not INT32) and constant MatMul operands per tensor
+  (:attr:`Recipe.per_tensor_matmul_weights`). ``cmdeploy export --onnx M.int8.onnx --engine
+  M.plan --precision int8`` builds the engine from it (strongly typed, TensorRT 10 and 11).
+  Beside it goes a TensorRT 10 implicit-quantization calibration cache
+  (:func:`write_trt_calibration_cache`) for ``trtexec``/Polygraphy users only: TensorRT 11 removed
+  implicit INT8 calibrators and cmdeploy never reads the cache.
 """
 
 from __future__ import annotations
@@ -123,6 +126,20 @@ class Recipe:
         return self.target == "cpu"
 
     @property
+    def quantize_bias(self) -> bool:
+        """Quantize Conv biases to INT32 (onnxruntime's default). Off for TensorRT, whose
+        DequantizeLayer accepts only quantized activation types (int8), not INT32 biases."""
+        return self.target != "tensorrt"
+
+    @property
+    def per_tensor_matmul_weights(self) -> bool:
+        """Quantize constant MatMul operands per tensor. TensorRT: onnxruntime's per-channel axis
+        for a MatMul weight is axis 1, the reduction axis of a constant *left* operand (the PSP
+        head's pooling/interpolation matrices), and TensorRT cannot fold such scales into the
+        GEMM; per tensor keeps those MatMuls in INT8."""
+        return self.target == "tensorrt"
+
+    @property
     def rewrites(self) -> bool:
         """Apply the CPU graph rewrites (stem SpaceToDepth, uint8 head matrices)."""
         return self.target == "cpu" and self.graph_rewrites
@@ -139,6 +156,8 @@ class Recipe:
             "weight_symmetric": True,
             "format": "QDQ",
             "graph_rewrites": self.rewrites,
+            "quantize_bias": self.quantize_bias,
+            "matmul_weights": "per_tensor" if self.per_tensor_matmul_weights else "per_channel",
         }
 
 
@@ -354,15 +373,26 @@ def quantize(
     extra: dict[str, Any] = {
         "ActivationSymmetric": recipe.symmetric_activations,
         "WeightSymmetric": True,
+        "QuantizeBias": recipe.quantize_bias,
     }
     op_types = recipe.op_types
     if op_types is None:
         op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
     else:
         extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
+    overrides: dict[str, list[dict[str, Any]]] = {}
     if prepared.uint8_weights:
-        u8 = [{"quant_type": QuantType.QUInt8}]
-        extra["TensorQuantOverrides"] = {n: u8 for n in prepared.uint8_weights}
+        overrides.update({n: [{"quant_type": QuantType.QUInt8}] for n in prepared.uint8_weights})
+    if recipe.per_tensor_matmul_weights:
+        keep_float = set(prepared.tail) | set(exclude)
+        inits = {i.name for i in prepared.model.graph.initializer}
+        for n in prepared.model.graph.node:
+            if n.op_type == "MatMul" and n.name not in keep_float:
+                for t in n.input:
+                    if t in inits:  # per-tensor override: no "axis"
+                        overrides[t] = [{"quant_type": recipe.weight_type, "symmetric": True}]
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
     model = load_model_with_shape_infer(prepared.path)
     quantizer = QDQQuantizer(
         model,
@@ -487,16 +517,37 @@ def installed_trt_version() -> str | None:
     return str(tensorrt.__version__)
 
 
-def trt_calibration_cache(ranges: Ranges, tensors: Sequence[str], *, trt_version: str = "10.0.0") -> str:
-    """TensorRT 10 ``IInt8EntropyCalibrator2`` cache text for ``tensors``.
+#: TensorRT calibrator algorithm each range method matches (the cache header names it, and a
+#: TensorRT calibrator reads only a cache of its own algorithm); percentile ranges have none
+TRT_CACHE_ALGORITHMS = {"minmax": "MinMaxCalibration", "entropy": "EntropyCalibration2"}
 
-    Format (what TensorRT writes and reads back through ``read_calibration_cache``, also via
-    ``polygraphy.backend.trt.Calibrator(cache=...)``): a header line
-    ``TRT-<version>-EntropyCalibration2``, then one ``<tensor name>: <scale>`` line per tensor,
-    the scale being the big-endian IEEE-754 float32 bit pattern of ``amax / 127`` in hex
-    (``amax = max(|low|, |high|)``).
+
+def trt_calibration_cache(
+    ranges: Ranges, tensors: Sequence[str], *, method: str, trt_version: str = "10.0.0"
+) -> str:
+    """TensorRT 10 implicit-quantization calibration cache text for ``tensors``.
+
+    Format (what TensorRT's ``IInt8Calibrator`` writes and reads back through
+    ``read_calibration_cache``): a header line ``TRT-<version>-<algorithm>``, the algorithm of
+    the calibrator whose ranges these are (:data:`TRT_CACHE_ALGORITHMS`: ``MinMaxCalibration``
+    for MinMax ranges, ``EntropyCalibration2`` for entropy ones), then one
+    ``<tensor name>: <scale>`` line per tensor, the scale being the big-endian IEEE-754 float32
+    bit pattern of ``amax / 127`` in hex (``amax = max(|low|, |high|)``).
+
+    For TensorRT 10 only (``trtexec --int8 --calib=<cache>`` for EntropyCalibration2 headers,
+    ``polygraphy convert --int8 --calibration-cache <cache> --calib-base-cls
+    IInt8MinMaxCalibrator`` for MinMax): implicit INT8 calibrators are deprecated since 10.1 and
+    removed in 11, and cmdeploy's own engine build never reads the cache - it builds INT8 from the
+    Q/DQ ONNX.
+
+    Raises:
+        ValueError: ``method`` has no TensorRT calibrator (``percentile``).
     """
-    lines = [f"TRT-{trt_version_number(trt_version)}-EntropyCalibration2"]
+    if method not in TRT_CACHE_ALGORITHMS:
+        raise ValueError(
+            f"no TensorRT calibrator matches {method!r} ranges (only {sorted(TRT_CACHE_ALGORITHMS)})"
+        )
+    lines = [f"TRT-{trt_version_number(trt_version)}-{TRT_CACHE_ALGORITHMS[method]}"]
     for name in tensors:
         lo, hi = ranges[name]
         amax = max(abs(lo), abs(hi), 1e-12)
@@ -529,11 +580,21 @@ def trt_cache_tensors(prepared: PreparedModel, ranges: Ranges) -> list[str]:
 
 
 def write_trt_calibration_cache(
-    path: str | Path, prepared: PreparedModel, ranges: Ranges, *, trt_version: str | None = None
-) -> Path:
-    """Write the TensorRT 10 calibration cache of the prepared (unrewritten) model."""
+    path: str | Path,
+    prepared: PreparedModel,
+    ranges: Ranges,
+    *,
+    method: str,
+    trt_version: str | None = None,
+) -> Path | None:
+    """Write the TensorRT 10 calibration cache of the prepared (unrewritten) model; None (nothing
+    written) for ranges no TensorRT calibrator produces (``percentile``)."""
+    if method not in TRT_CACHE_ALGORITHMS:
+        return None
     version = trt_version or installed_trt_version() or "10.0.0"
-    text = trt_calibration_cache(ranges, trt_cache_tensors(prepared, ranges), trt_version=version)
+    text = trt_calibration_cache(
+        ranges, trt_cache_tensors(prepared, ranges), method=method, trt_version=version
+    )
     return _write_atomic(Path(path), text.encode())
 
 
@@ -541,6 +602,7 @@ __all__ = [
     "INT8_KEY",
     "METHODS",
     "TARGETS",
+    "TRT_CACHE_ALGORITHMS",
     "PreparedModel",
     "RangeCache",
     "Ranges",

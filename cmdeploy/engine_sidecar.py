@@ -53,6 +53,11 @@ def _major_minor(version: str) -> tuple[int, int]:
     return major, minor
 
 
+def tensorrt_major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string; :class:`ModelError` when unreadable."""
+    return _major_minor(version)
+
+
 def normalise_compute_capability(cc: str | tuple[int, int] | list[int]) -> str:
     """``(8, 6)``, ``[8, 6]``, ``"8.6"``, ``"86"`` or ``"sm_86"`` -> ``"8.6"``."""
     try:

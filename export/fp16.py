@@ -181,6 +181,7 @@ def convert_to_fp16(
     *,
     keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS,
     keep_averaging_matmul: bool = True,
+    node_prefixes: Iterable[str] | None = None,
 ) -> onnx.ModelProto:
     """Return an FP16 copy of ``model``; inputs/outputs stay float32 (see the module rule).
 
@@ -188,11 +189,15 @@ def convert_to_fp16(
         model: a float32 ONNX model (not modified). Control flow (If/Loop/Scan) is refused.
         keep_fp32_ops: op types kept in float32.
         keep_averaging_matmul: keep MatMul/Gemm with a constant averaging-matrix operand in FP32.
+        node_prefixes: only nodes whose names start with one of these may run in FP16 (None:
+            every node). :func:`fp16_node_prefixes` gives the fused graph's network scope, so its
+            pixel-coordinate geometry stays FP32 (FP16 steps are 0.25 px at 512).
 
     Raises:
         ValueError: the model has control-flow sub-graphs.
     """
     keep = frozenset(keep_fp32_ops)
+    prefixes = None if node_prefixes is None else tuple(node_prefixes)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -213,6 +218,8 @@ def convert_to_fp16(
         if node.domain not in ("", "ai.onnx") or node.op_type not in FP16_OPS:
             return False
         if node.op_type in keep:
+            return False
+        if prefixes is not None and not node.name.startswith(prefixes):
             return False
         io = [n for n in list(node.input) + list(node.output) if n]
         if any(n not in types for n in io) or not any(types[n] == TensorProto.FLOAT for n in io):
@@ -318,6 +325,16 @@ def convert_to_fp16(
             onnx.StringStringEntryProto(key=PRECISION_KEY, value="fp16")
         )
     return onnx.shape_inference.infer_shapes(out)
+
+
+FUSED_NETWORK_PREFIX = "/network/"  # torch.onnx names the FusedSegmenter's network nodes so
+
+
+def fp16_node_prefixes(model: onnx.ModelProto) -> tuple[str, ...] | None:
+    """The node-name scope that may run in FP16: the network part of a fused-preprocessing graph
+    (metadata ``cmdeploy.graph`` = ``fused``), None (everything) for other graphs."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return (FUSED_NETWORK_PREFIX,) if meta.get("cmdeploy.graph") == "fused" else None
 
 
 def fp32_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -28,8 +28,14 @@ vectors, sigmas) run in ``geometry_dtype`` with the NumPy path's operation order
 float32 as there. With ``"float64"`` (default) the in-graph confidence map equals
 :func:`cmdeploy.guidance.confidence_map` to float32 rounding (0 difference on the parity slices);
 ``"float32"`` gives a graph without FP64 tensors for TensorRT (maps within the 1e-4 tolerance of
-``tests/test_fused.py``; measured differences in docs/results.md). The image channel differs by
-GridSample's float32 interpolation weights.
+``tests/test_fused.py``; measured differences in docs/results.md); TensorRT has no FP64 and its
+parser would cast a float64 graph to float32 silently. The image channel differs by GridSample's
+float32 interpolation weights.
+
+TensorRT-parsable by construction (checked by :mod:`cmdeploy.export.trt_lint` in the tests):
+no ``AffineGrid`` (the crop grid is elementwise arithmetic feeding ``GridSample``), opset
+16..19 (:data:`MAX_FUSED_OPSET`), the dynamic pixel grids as an integer ``Range`` followed by a
+``Cast``, and with ``"float32"`` geometry no FP64.
 
 Built with ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter traces the dynamic H/W
 arithmetic into ``Shape``/``Range`` nodes), then constant-folded with onnx-graphsurgeon.
@@ -46,12 +52,14 @@ import torch
 from torch import nn
 
 from cmdeploy.export.parity import ParityCase, ParityReport, compare_outputs, footprints
+from cmdeploy.export.trt_ops import MAX_GRIDSAMPLE_OPSET
 from cmdeploy.spec import ModelSpec
 
 FUSED_INPUTS = ("slices", "points")
 FUSED_OUTPUT = "probabilities"
 DEBUG_OUTPUTS = ("network_input", "crop_probabilities")
 DEFAULT_FUSED_OPSET = 17  # GridSample exists from opset 16
+MAX_FUSED_OPSET = MAX_GRIDSAMPLE_OPSET  # GridSample's mode is spelt "linear" from opset 20
 FUSED_MIN_MASK_AGREEMENT = 0.995  # vs the NumPy runtime path, fraction of footprint pixels
 FUSED_MIN_DICE = 0.995
 
@@ -288,8 +296,9 @@ class FusedSegmenter(nn.Module):
         crop_probs = torch.sigmoid(self.network(net_in))  # (B, 1, S, S)
 
         # paste back: crop coordinates of every slice pixel, through the forward matrix
-        gx = torch.arange(width, dtype=self.gdtype)
-        gy = torch.arange(height, dtype=self.gdtype)
+        # integer Range + Cast: TensorRT's parser takes a float Range only with constant bounds
+        gx = torch.arange(width).to(self.gdtype)
+        gy = torch.arange(height).to(self.gdtype)
         us = z * gx[None, None, :] + off_x  # (B, 1, W)
         vs = z * gy[None, :, None] + off_y  # (B, H, 1)
         us, vs = torch.broadcast_tensors(us, vs)
@@ -452,8 +461,12 @@ def export_fused(
         write_export,
     )
 
-    if opset < 16:
-        raise ValueError(f"the fused graph needs opset >= 16 (GridSample), got {opset}")
+    if not 16 <= opset <= MAX_FUSED_OPSET:
+        raise ValueError(
+            f"the fused graph needs opset 16..{MAX_FUSED_OPSET} (GridSample from 16; from 20 its "
+            f"bilinear mode is named 'linear', which older TensorRT parsers read as nearest), "
+            f"got {opset}"
+        )
     ckpt, model, sha = load_checkpoint(checkpoint_path)
     spec = ckpt.spec
     network, n_fused = fuse_batchnorm(model)
@@ -500,6 +513,7 @@ __all__ = [
     "FUSED_OUTPUT",
     "GEOMETRY_DTYPES",
     "FusedSegmenter",
+    "MAX_FUSED_OPSET",
     "confidence_map_t",
     "crop_geometry",
     "cross_centre_t",

@@ -1,16 +1,24 @@
-"""ONNX -> TensorRT engine (TensorRT 10 and 11), with an optimisation profile on the batch axis.
+"""ONNX -> TensorRT engine (TensorRT 10 and 11), with an optimisation profile for every dynamic axis.
 
-Precision follows the two TensorRT generations:
+Precision is carried by the graph on both TensorRT generations (strongly typed networks, no
+``BuilderFlag.FP16``/``INT8``: deprecated in 10.x, removed in 11; NVIDIA's explicit-quantization
+guide builds Q/DQ graphs strongly typed):
 
-* **TensorRT 10**: weakly typed network; ``precision="fp16"`` sets ``BuilderFlag.FP16``,
-  ``precision="int8"`` sets ``BuilderFlag.INT8`` and needs an explicitly quantized (Q/DQ) ONNX -
-  implicit calibration is not used. An FP16 graph (already converted) is built strongly typed
-  instead, so the ops it keeps in FP32 stay FP32, as on TensorRT 11.
-* **TensorRT 11**: every network is strongly typed and the precision flags are gone; the ONNX must
-  carry the precision: ``fp16`` needs an FP16 graph (:func:`cmdeploy.export.fp16.convert_to_fp16`),
-  ``int8`` a Q/DQ graph (``cmdeploy calibrate --target tensorrt``).
+* ``fp32``: a float32 graph.
+* ``fp16``: an FP16 graph (:func:`cmdeploy.export.fp16.convert_to_fp16`; ``cmdeploy export
+  --precision fp16`` writes one).
+* ``int8``: a Q/DQ (explicitly quantized) graph from ``cmdeploy calibrate --target tensorrt``.
+  A CPU-target INT8 model (uint8, asymmetric) is refused before TensorRT is imported.
 
-On both, an ONNX whose graph already carries FP16 or Q/DQ cannot be labelled ``fp32``.
+An ONNX whose graph already carries FP16 or Q/DQ cannot be labelled ``fp32``.
+
+Profiles: the batch axis (axis 0) from ``min/opt/max_batch``; other dynamic axes by their ONNX
+``dim_param`` name from ``axis_ranges`` (default :data:`DEFAULT_AXIS_RANGES`: the fused graph's
+``height`` and ``width``, 32 / 512 / 1024 pixels). The sidecar records every input's full
+min/opt/max shapes.
+
+Before TensorRT is imported, :func:`build_engine` runs the TensorRT-compatibility lint
+(:mod:`cmdeploy.export.trt_lint`) and refuses a model with errors, listing them.
 
 The build writes the engine atomically, then its JSON sidecar (``<engine>.json``, see
 :mod:`cmdeploy.engine_sidecar`). The timing cache, when given, is loaded if present and saved
@@ -37,10 +45,18 @@ from cmdeploy.spec import ModelSpec
 from cmdeploy.writers.atomic import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
+#: profile (min, opt, max) of the fused graph's dynamic slice axes, pixels
+DEFAULT_AXIS_RANGES: dict[str, tuple[int, int, int]] = {
+    "height": (32, 512, 1024),
+    "width": (32, 512, 1024),
+}
 QDQ_HINT = (
     "run `cmdeploy calibrate --target tensorrt` to produce a Q/DQ (explicitly quantized) ONNX"
 )
-FP16_HINT = "convert it with cmdeploy.export.fp16.convert_to_fp16 first"
+FP16_HINT = (
+    "convert it first (cmdeploy.export.fp16.convert_to_fp16; `cmdeploy export --precision fp16` "
+    "does it)"
+)
 
 _ONNX_TO_NUMPY = {
     TensorProto.FLOAT: "float32",
@@ -61,8 +77,8 @@ class BuildPlan:
     Attributes:
         trt_major: TensorRT major version (10 or 11).
         strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
-            (TensorRT 11: always; the flag is merely accepted there).
-        builder_flags: ``trt.BuilderFlag`` member names to set (TensorRT 10 only).
+            (always: TensorRT 10 and 11).
+        builder_flags: ``trt.BuilderFlag`` member names to set (none: precision is in the graph).
         precision: the precision the engine is labelled with.
     """
 
@@ -109,7 +125,7 @@ def graph_precision(model: onnx.ModelProto) -> str:
 def check_precision_request(
     model: onnx.ModelProto, precision: str, *, source: str = "ONNX"
 ) -> None:
-    """Version-independent checks: known precision, INT8 needs Q/DQ, no FP32 label on FP16/Q/DQ."""
+    """Known precision; the graph carries it: INT8 needs Q/DQ, FP16 an FP16 graph, FP32 neither."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     carried = graph_precision(model)
@@ -124,34 +140,31 @@ def check_precision_request(
         )
     if precision == "fp16" and carried == "int8":
         raise InputError(f"{source} is a Q/DQ (int8) graph; build it with precision='int8'")
+    if precision == "fp16" and carried != "fp16":
+        raise InputError(
+            f"precision='fp16' builds a strongly typed network, so precision comes from the "
+            f"graph, and {source} has no FP16 tensors; {FP16_HINT}"
+        )
 
 
 def plan_build(
     trt_version: str, precision: str, model: onnx.ModelProto, *, source: str = "ONNX"
 ) -> BuildPlan:
-    """Choose network creation flags and builder flags for ``trt_version``; validate the graph.
+    """Validate the graph for ``precision`` on ``trt_version``; every plan is strongly typed.
+
+    TensorRT 10 and 11 alike: no precision builder flags (``BuilderFlag.FP16``/``INT8`` are
+    deprecated in 10.x and removed in 11), the graph's types decide - FP16 needs an FP16 graph,
+    INT8 a Q/DQ graph.
 
     Raises:
-        InputError: the request cannot be met by this graph on this TensorRT version.
+        InputError: the request cannot be met by this graph.
         ModelError: TensorRT older than 10.
     """
     check_precision_request(model, precision, source=source)
     major = trt_major(trt_version)
     if major < 10:
         raise ModelError(f"TensorRT {trt_version} is too old: cmdeploy needs TensorRT 10 or 11")
-    if major >= 11:
-        if precision == "fp16" and graph_precision(model) != "fp16":
-            raise InputError(
-                f"TensorRT {trt_version} builds strongly typed networks only (no FP16 builder "
-                f"flag): precision comes from the graph, and {source} has no FP16 tensors; "
-                f"{FP16_HINT}"
-            )
-        return BuildPlan(major, strongly_typed=True, builder_flags=(), precision=precision)
-    if precision == "fp16" and graph_precision(model) == "fp16":
-        # the graph already says which ops stay FP32; strong typing keeps them FP32
-        return BuildPlan(major, strongly_typed=True, builder_flags=(), precision=precision)
-    flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8",)}[precision]
-    return BuildPlan(major, strongly_typed=False, builder_flags=flags, precision=precision)
+    return BuildPlan(major, strongly_typed=True, builder_flags=(), precision=precision)
 
 
 def onnx_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
@@ -185,41 +198,56 @@ def onnx_io_dtypes(model: onnx.ModelProto) -> dict[str, str]:
 
 def profile_shapes(
     input_shapes: Mapping[str, tuple[int | str | None, ...]],
-    min_batch: int,
-    opt_batch: int,
-    max_batch: int,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    *,
+    axis_ranges: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> dict[str, dict[str, list[int]]]:
-    """Optimisation profile per input: batch axis (axis 0) min/opt/max, other axes static.
+    """Optimisation profile per input: full min/opt/max shapes.
 
-    A static batch axis pins min = opt = max to its size. Any other non-static axis is an error
-    naming the input and axis (export with a fixed crop size).
+    Axis 0 is the batch axis (``min/opt/max_batch``). Any other dynamic axis takes its
+    (min, opt, max) from ``axis_ranges`` by its ONNX ``dim_param`` name (default
+    :data:`DEFAULT_AXIS_RANGES`: ``height``/``width`` of the fused graph); static axes pin
+    min = opt = max. An unnamed dynamic axis, or a name without a range, is an error naming the
+    input and axis.
     """
+    ranges = DEFAULT_AXIS_RANGES if axis_ranges is None else axis_ranges
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise InputError(
             f"batch sizes must satisfy 1 <= min <= opt <= max, got min={min_batch}, "
             f"opt={opt_batch}, max={max_batch}"
         )
+    for axis_name, r in ranges.items():
+        if len(r) != 3 or not 1 <= r[0] <= r[1] <= r[2]:
+            raise InputError(
+                f"range of axis {axis_name!r} must be (min, opt, max) with 1 <= min <= opt <= max, "
+                f"got {tuple(r)}"
+            )
     if not input_shapes:
         raise InputError("the ONNX model has no inputs")
     profiles: dict[str, dict[str, list[int]]] = {}
     for name, dims in input_shapes.items():
         if not dims:
             raise InputError(f"input {name!r} is a scalar; expected a batch axis first")
-        rest = []
-        for axis, d in enumerate(dims[1:], start=1):
-            if not isinstance(d, int) or d <= 0:
-                raise InputError(
-                    f"input {name!r} axis {axis} is dynamic ({d!r}); only the batch axis (0) may "
-                    f"be dynamic - export with a fixed input size (shape {list(dims)})"
-                )
-            rest.append(d)
         b = dims[0]
-        if isinstance(b, int) and b > 0:
-            batches = (b, b, b)
-        else:
-            batches = (min_batch, opt_batch, max_batch)
+        per_axis: list[tuple[int, int, int]] = [
+            (b, b, b) if isinstance(b, int) and b > 0 else (min_batch, opt_batch, max_batch)
+        ]
+        for axis, d in enumerate(dims[1:], start=1):
+            if isinstance(d, int) and d > 0:
+                per_axis.append((d, d, d))
+            elif isinstance(d, str) and d in ranges:
+                lo, opt, hi = ranges[d]
+                per_axis.append((int(lo), int(opt), int(hi)))
+            else:
+                raise InputError(
+                    f"input {name!r} axis {axis} is dynamic ({d!r}) and has no profile range "
+                    f"(known: {sorted(ranges)}); give one or export with a fixed input size "
+                    f"(shape {list(dims)})"
+                )
         profiles[name] = {
-            k: [n, *rest] for k, n in zip(("min", "opt", "max"), batches, strict=True)
+            key: [r[k] for r in per_axis] for k, key in enumerate(("min", "opt", "max"))
         }
     return profiles
 
@@ -260,6 +288,20 @@ def read_spec(model: onnx.ModelProto, source: str = "ONNX") -> ModelSpec:
         raise InputError(f"{source}: {exc}") from exc
 
 
+def check_tensorrt_compatible(
+    model: onnx.ModelProto,
+    profiles: Mapping[str, Mapping[str, list[int]]] | None = None,
+    *,
+    source: str = "ONNX",
+) -> None:
+    """Run the TensorRT-compatibility lint; :class:`InputError` listing its errors, if any."""
+    from cmdeploy.export.trt_lint import lint_model
+
+    report = lint_model(model, source=source, profiles=profiles)
+    if not report.ok:
+        raise InputError(f"{source} is not TensorRT-compatible:\n{report.error_text()}")
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -269,6 +311,7 @@ def build_engine(
     opt_batch: int = 8,
     max_batch: int = 32,
     workspace_gb: float = 4,
+    axis_ranges: Mapping[str, tuple[int, int, int]] | None = None,
     timing_cache: Path | None = None,
     device: int = 0,
     verbose: bool = False,
@@ -280,6 +323,8 @@ def build_engine(
         engine_path: output engine file; ``<engine_path>.json`` receives the sidecar.
         precision: ``"fp32"``, ``"fp16"`` or ``"int8"`` (see the module docstring).
         min_batch, opt_batch, max_batch: optimisation profile of the batch axis.
+        axis_ranges: (min, opt, max) of other dynamic axes by ``dim_param`` name (default
+            :data:`DEFAULT_AXIS_RANGES`, the fused graph's ``height`` and ``width``).
         workspace_gb: builder workspace memory pool limit, GiB.
         timing_cache: file to load tactic timings from (if it exists) and save them to.
         device: CUDA device whose name/compute capability go into the sidecar.
@@ -292,9 +337,12 @@ def build_engine(
         raise InputError(f"workspace_gb must be > 0, got {workspace_gb}")
     model = onnx.load(str(onnx_path), load_external_data=False)
     source = str(onnx_path)
+    profiles = profile_shapes(
+        onnx_input_shapes(model), min_batch, opt_batch, max_batch, axis_ranges=axis_ranges
+    )
+    check_tensorrt_compatible(model, profiles, source=source)  # before TensorRT is imported
     check_precision_request(model, precision, source=source)
     spec = read_spec(model, source)
-    profiles = profile_shapes(onnx_input_shapes(model), min_batch, opt_batch, max_batch)
 
     trt = import_tensorrt()
     plan = plan_build(trt.__version__, precision, model, source=source)
@@ -302,8 +350,14 @@ def build_engine(
     logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if plan.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if plan.strongly_typed:
+        strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if strong is None:
+            raise ModelError(
+                f"TensorRT {trt.__version__} has no strongly typed networks; cmdeploy needs "
+                "TensorRT 10 or 11"
+            )
+        flags |= 1 << int(strong)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from cmdeploy.engine_sidecar import EngineSidecar, sidecar_path
+from cmdeploy.engine_sidecar import EngineSidecar, sidecar_path, tensorrt_major_minor
 from cmdeploy.errors import InputError
 from cmdeploy.spec import METADATA_KEY, ModelSpec
 from cmdeploy.writers.atomic import atomic_path, atomic_write_text
@@ -125,6 +125,27 @@ def engine_tensors(
     return ins, outs
 
 
+def check_plan_for_triton(
+    sidecar: EngineSidecar, *, batched: bool, tensorrt_version: str | None = None
+) -> None:
+    """:class:`InputError` when Triton could not serve the plan: another TensorRT major.minor
+    than ``tensorrt_version`` (the container's) built it, or (batched) its minimum batch is > 1."""
+    if tensorrt_version is not None:
+        built = tensorrt_major_minor(sidecar.tensorrt_version)
+        serving = tensorrt_major_minor(tensorrt_version)
+        if built != serving:
+            raise InputError(
+                f"the plan was built by TensorRT {sidecar.tensorrt_version}, the Triton container "
+                f"runs TensorRT {tensorrt_version}: a plan loads only on the major.minor that built "
+                "it; build the engine inside that container (or pick the matching Triton release)"
+            )
+    if batched and sidecar.batch_range[0] > 1:
+        raise InputError(
+            f"the plan's profile starts at batch {sidecar.batch_range[0]}; Triton's dynamic batcher "
+            "sends batches from 1 up: rebuild the engine with --min-batch 1"
+        )
+
+
 @dataclass(frozen=True)
 class _Job:
     name: str
@@ -215,6 +236,7 @@ def write_triton_repository(
     instance_count: int = 1,
     version: int = 1,
     onnx_instance_kind: str = "KIND_GPU",
+    tensorrt_version: str | None = None,
 ) -> dict[str, Path]:
     """Write Triton model folders; returns ``{triton model name: model folder}``.
 
@@ -230,6 +252,11 @@ def write_triton_repository(
         instance_count: model instances per device.
         version: numeric version folder.
         onnx_instance_kind: instance kind of the ONNX model (the plan is always ``KIND_GPU``).
+        tensorrt_version: TensorRT version of the Triton container that will serve the plan; its
+            major.minor must equal the sidecar's (a plan only loads on the release that built it).
+
+    A plan whose profile's minimum batch is above 1 is refused when batching: Triton's dynamic
+    batcher sends any batch from 1 up, and the engine would reject the small ones at run time.
     """
     if onnx_path is None and engine_path is None:
         raise InputError("write_triton_repository needs onnx_path, engine_path or both")
@@ -280,6 +307,7 @@ def write_triton_repository(
         if not engine_path.is_file():
             raise InputError(f"TensorRT engine {engine_path} not found")
         sidecar = EngineSidecar.read(sidecar_path(engine_path))
+        check_plan_for_triton(sidecar, batched=batched, tensorrt_version=tensorrt_version)
         ins, outs = engine_tensors(sidecar, batched=batched, source=str(engine_path))
         jobs.append(
             _Job(

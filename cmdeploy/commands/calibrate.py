@@ -168,6 +168,13 @@ def _calibrate(*, err, exclude_nodes: list[str], **kw) -> bool:  # noqa: ANN001,
     typer.echo(f"wrote {result.output} ({result.output.stat().st_size / 1e6:.2f} MB)")
     if result.trt_cache is not None:
         typer.echo(
-            f"wrote {result.trt_cache} (TensorRT 10 calibration cache; TensorRT 11 uses the Q/DQ model)"
+            f"wrote {result.trt_cache} (TensorRT 10 implicit-INT8 calibration cache, for trtexec "
+            "--calib or polygraphy --calibration-cache only; TensorRT 11 and cmdeploy build from "
+            "the Q/DQ model)"
+        )
+    if kw["target"] == "tensorrt":
+        typer.echo(
+            f"build the engine with: cmdeploy export --onnx {result.output} --engine "
+            f"{result.output.with_suffix('.plan')} --precision int8"
         )
     return True
