@@ -244,3 +244,32 @@ def test_pacs_rejecting_the_seg_exits_8(
     assert not [n for n in names if ".tmp" in n or n.startswith(".")]
     assert list(tmpdir_watch.iterdir()) == []
     assert rejecting_orthanc.find("Series", StudyInstanceUID=study) == []
+
+
+def test_example_inbox_script(orthanc: Orthanc, tmp_path: Path) -> None:
+    """examples/pacs_watch.py --once: a CSV keyed by sop_instance_uid becomes a SEG on the PACS and
+    a result file next to the CSV; a CSV whose instance is not on the PACS is marked failed (exit 6)."""
+    import json
+    import subprocess
+    import sys
+
+    study, series, _, csv = _uploaded_series(orthanc, tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "job1.csv").write_text(csv.read_text())
+    unknown = "1.2.826.0.1.3680043.8.498.424242"
+    (inbox / "job2.csv").write_text(POINTS_HEADER + f"{unknown},aorta,73,5,107,5,89,0,90,22\n")
+    script = Path(__file__).resolve().parents[1] / "examples" / "pacs_watch.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--pacs", orthanc.dicomweb, "--inbox", str(inbox), "--once",
+         "--timeout", "20"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ok = json.loads((inbox / "job1.csv.result.json").read_text())
+    assert ok["status"] == "ok" and ok["instances"] == 20 and ok["objects"] == 2
+    failed = json.loads((inbox / "job2.csv.result.json").read_text())
+    assert failed["status"] == "failed" and failed["exit_code"] == 6
+    assert study not in proc.stderr and series not in proc.stderr
+    assert (inbox / "job1.csv").read_text() == csv.read_text()  # inputs untouched
+    segs = _segs_in_study(orthanc, study)
+    assert len(segs) == 1 and segs[0].ReferencedSeriesSequence[0].SeriesInstanceUID == series

@@ -148,6 +148,20 @@ class DicomWebPacs:
             )
         return len(found)
 
+    def locate_instance(self, sop_instance_uid: str) -> tuple[str, str]:
+        """(StudyInstanceUID, SeriesInstanceUID) of an instance, by a QIDO-RS instance query;
+        :class:`PacsNotFound` when the PACS does not hold it."""
+        with self._errors("QIDO-RS instance search"):
+            found = self.client.search_for_instances(
+                search_filters={"SOPInstanceUID": sop_instance_uid},
+                fields=["StudyInstanceUID", "SeriesInstanceUID"],
+            )
+        try:
+            item = found[0]
+            return str(item["0020000D"]["Value"][0]), str(item["0020000E"]["Value"][0])
+        except (IndexError, KeyError, TypeError):
+            raise PacsNotFound(f"{self.display}: the requested instance is not on the PACS") from None
+
     def fetch_series(
         self,
         study_uid: str,
