@@ -210,10 +210,11 @@ class SilentServer:
 
 
 def write_ct_series(
-    folder: Path, num_slices: int = 20, *, spacing_mm: float = 5.0
+    folder: Path, num_slices: int = 20, *, spacing_mm: float = 5.0, transfer_syntax: str | None = None
 ) -> tuple[str, str, list[Path]]:
     """Write ``num_slices`` CT slices made from pydicom's CT_small.dcm (128 x 128, real CT) as one
-    new series (fresh study/series/instance UIDs, positions ``spacing_mm`` apart); returns
+    new series (fresh study/series/instance UIDs, positions ``spacing_mm`` apart), compressed to
+    ``transfer_syntax`` if given (e.g. JPEG 2000 Lossless, needs pylibjpeg-openjpeg); returns
     (study UID, series UID, files in slice order)."""
     import pydicom
     from pydicom.data import get_testdata_file
@@ -232,6 +233,8 @@ def write_ct_series(
         ds.ImagePositionPatient = [float(src.ImagePositionPatient[0]), float(src.ImagePositionPatient[1]),
                                    z0 + spacing_mm * k]
         ds.InstanceNumber = k + 1
+        if transfer_syntax is not None:
+            ds.compress(transfer_syntax)
         path = folder / f"ct_{k:03d}.dcm"
         ds.save_as(path)
         files.append(path)

@@ -78,9 +78,11 @@ def tmpdir_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _uploaded_series(orthanc: Orthanc, folder: Path) -> tuple[str, str, list[Path], Path]:
+def _uploaded_series(
+    orthanc: Orthanc, folder: Path, transfer_syntax: str | None = None
+) -> tuple[str, str, list[Path], Path]:
     """A fresh 20-slice series on ``orthanc`` and its points CSV (two objects by SOP UID)."""
-    study, series, files = write_ct_series(folder / "series")
+    study, series, files = write_ct_series(folder / "series", transfer_syntax=transfer_syntax)
     orthanc.upload(files)
     uids = [pydicom.dcmread(files[k], stop_before_pixels=True).SOPInstanceUID for k in ANNOTATED]
     csv = folder / "points.csv"
@@ -159,6 +161,33 @@ def test_round_trip_equals_local_run(
         assert uid not in res.output
     assert (out / "seg.dcm").is_file() and (out / "report.json").is_file()
     assert list(tmpdir_watch.iterdir()) == []  # the retrieved instances are gone
+    _check_round_trip(orthanc, study, series, files, _local_seg(tmp_path, tmp_path / "series", csv))
+
+
+@pytest.mark.parametrize("source_kind", ["dicomweb", "dimse"])
+def test_jpeg2000_series_is_pulled_as_stored(
+    orthanc: Orthanc, tmp_path: Path, tmpdir_watch: Path, source_kind: str
+) -> None:
+    """Orthanc without its GDCM plugin cannot transcode JPEG 2000: WADO-RS asks for
+    transfer-syntax=* and C-GET offers a JPEG 2000 context, so the series comes as stored."""
+    j2k = "1.2.840.10008.1.2.4.90"
+    study, series, files, csv = _uploaded_series(orthanc, tmp_path, transfer_syntax=j2k)
+    first = orthanc.find("Instance", SeriesInstanceUID=series)[0]
+    assert orthanc.get(f"/instances/{first}/metadata/TransferSyntax") == j2k.encode()
+    if source_kind == "dicomweb":  # the condition this guards against: asking for the default fails
+        import requests
+        from dicomweb_client import DICOMwebClient
+
+        client = DICOMwebClient(orthanc.http + "/dicom-web")
+        client.set_http_retry_params(retry=False)
+        with pytest.raises(requests.exceptions.HTTPError):
+            client.retrieve_series(study, series)
+    source = orthanc.dicomweb if source_kind == "dicomweb" else orthanc.dimse()
+    out = tmp_path / "out"
+    res = _infer("--input", source, "--study", study, "--series", series, "--points", csv, "--output", out,
+                 "--send", orthanc.dicomweb, "--calling-aet", CALLING_AET, "--pacs-timeout", "20")
+    assert res.exit_code == 0, res.output
+    assert list(tmpdir_watch.iterdir()) == []
     _check_round_trip(orthanc, study, series, files, _local_seg(tmp_path, tmp_path / "series", csv))
 
 
