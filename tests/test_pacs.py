@@ -55,6 +55,18 @@ def test_parse_endpoint() -> None:
     assert ep.display == "DICOMweb https://pacs.example/wado"
 
 
+@given(
+    aet=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="\\@"),
+                min_size=1, max_size=16),
+    host=st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True),
+    port=st.integers(1, 65535),
+)
+def test_dimse_address_round_trip(aet: str, host: str, port: int) -> None:
+    ep = parse_endpoint(f"dimse:{aet}@{host}:{port}")
+    assert ep == DimseEndpoint(aet, host, port)
+    assert ep.display == f"DIMSE {aet}@{host}:{port}"
+
+
 @pytest.mark.parametrize(
     "text",
     [
