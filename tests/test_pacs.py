@@ -198,6 +198,7 @@ def tmpdir_watch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         (["--input", "dicomweb:http://127.0.0.1:9/dw", "--study", STUDY, "--series", SERIES,
           "--calling-aet", "WAY_TOO_LONG_AE_TITLE"], "not a valid DICOM AE title"),
         (["--input", "nowhere", "--study", STUDY], "--study applies to a PACS --input"),
+        (["--input", "ct.nii.gz", "--send", "dimse:PACS@127.0.0.1:9"], "needs a DICOM input"),
     ],
 )
 def test_bad_pacs_options_exit_2(tmp_path: Path, points_csv: Path, tmpdir_watch: Path, extra, needle) -> None:

@@ -158,6 +158,8 @@ def pacs_run(
             raise InputError("--series-uid differs from --series; give --series only")
     elif study is not None:
         raise InputError("--study applies to a PACS --input (dicomweb:URL or dimse:AET@HOST:PORT)")
+    elif input_text.lower().endswith((".nii", ".nii.gz", ".png", ".npy")):
+        raise InputError("--send stores a DICOM SEG, which needs a DICOM input (a folder or a DICOM file)")
     _precheck(points, output, overwrite, formats, destination is not None)
 
     from cmdeploy.pacs.api import check, connect, retrieved_series
