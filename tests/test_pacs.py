@@ -6,6 +6,7 @@ no temporary folder left behind. (Round trips and PACS-side refusals: test_pacs_
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -39,7 +40,7 @@ ENV = {"COLUMNS": "250", "NO_COLOR": "1"}
 STUDY = "1.2.826.0.1.3680043.8.498.1111"
 SERIES = "1.2.826.0.1.3680043.8.498.2222"
 needs_pacs = pytest.mark.skipif(
-    any(__import__("importlib").util.find_spec(m) is None for m in ("dicomweb_client", "pynetdicom")),
+    any(importlib.util.find_spec(m) is None for m in ("dicomweb_client", "pynetdicom")),
     reason="needs the pacs extra (dicomweb-client, pynetdicom)",
 )
 
