@@ -1,8 +1,9 @@
 """``cmdeploy infer``: segment every object of a points CSV on a CT series and write the results.
 
 Exit status: 0 on success, 2 for a bad input (series, CSV, options, existing outputs; nothing is
-written), 3 when the model or the inference backend fails. Logs never show patient names, IDs or
-DICOM UIDs.
+written), 3 when the model or the inference backend fails; with a PACS input or ``--send``, 4-9 for
+PACS failures (see :mod:`cmdeploy.pacs.errors`) and 130 on Ctrl-C. Logs never show patient names,
+IDs or DICOM UIDs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ OVERLAY_FOLDER = "overlays"
 
 
 def infer(
-    input_path: Path = typer.Option(
-        ..., "--input", "-i", help="CT input: DICOM folder or file, .nii/.nii.gz, 16-bit .png or .npy."
+    input_path: str = typer.Option(
+        ...,
+        "--input",
+        "-i",
+        help="CT input: DICOM folder or file, .nii/.nii.gz, 16-bit .png or .npy; or a PACS: "
+        "dicomweb:URL or dimse:AET@HOST:PORT (with --study and --series).",
     ),
     points: Path = typer.Option(
         ..., "--points", "-p", help="Points CSV: slice_index/sop_instance_uid, label, 8 coordinates."
@@ -45,26 +50,47 @@ def infer(
     series_uid: str | None = typer.Option(
         None, "--series-uid", help="Pick this series when the DICOM folder holds several."
     ),
+    study: str | None = typer.Option(None, "--study", help="PACS input: StudyInstanceUID."),
+    series: str | None = typer.Option(
+        None, "--series", help="PACS input: SeriesInstanceUID (for a folder: same as --series-uid)."
+    ),
+    send: str | None = typer.Option(
+        None, "--send", help="Store the DICOM SEG on a PACS: dicomweb:URL or dimse:AET@HOST:PORT."
+    ),
+    calling_aet: str = typer.Option("CMDEPLOY", "--calling-aet", help="Our AE title for DIMSE."),
+    pacs_timeout: float = typer.Option(
+        30.0, "--pacs-timeout", min=0.01, help="Seconds to wait for the PACS to connect or answer."
+    ),
+    pacs_retries: int = typer.Option(
+        2, "--pacs-retries", min=0, help="Retries (with back-off) after transient PACS failures."
+    ),
 ) -> None:
     """Segment the objects of a points CSV (four extreme points each) on a CT series."""
     from cmdeploy.commands._common import error_console, exit_on_error, no_traceback
+    from cmdeploy.pacs.cli import pacs_exit_codes, pacs_run
 
     err = error_console()
-    with no_traceback(err), exit_on_error(err):
-        _infer(
-            input_path,
-            points,
-            output,
-            model=model,
-            backend=backend,
-            batch_size=batch_size,
-            threads=threads,
-            device=device,
-            formats=formats,
-            overwrite=overwrite,
-            series_uid=series_uid,
-            err=err,
-        )
+    with no_traceback(err), pacs_exit_codes(err), exit_on_error(err):
+        with pacs_run(
+            input_path, study=study, series=series, series_uid=series_uid, send=send,
+            calling_aet=calling_aet, timeout=pacs_timeout, retries=pacs_retries,
+            points=points, output=output, overwrite=overwrite, formats=formats, err=err,
+        ) as run:
+            written = _infer(
+                run.input_path,
+                points,
+                output,
+                model=model,
+                backend=backend,
+                batch_size=batch_size,
+                threads=threads,
+                device=device,
+                formats=formats,
+                overwrite=overwrite,
+                series_uid=run.series_uid,
+                err=err,
+            )
+            run.send(written, SEG_NAME)
 
 
 def parse_formats(text: str | None, kind: str) -> list[str]:
@@ -130,7 +156,8 @@ def _infer(
     overwrite: bool,
     series_uid: str | None,
     err,
-) -> None:
+) -> list[Path]:
+    """Run inference and write the outputs; returns the files written."""
     import time
 
     from rich.console import Console
@@ -200,6 +227,7 @@ def _infer(
     )
     Console(highlight=False).print(table)
     err.print(f"wrote {len(out.written)} file(s) to {output}")
+    return list(out.written)
 
 
 def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> None:
