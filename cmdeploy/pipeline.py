@@ -338,7 +338,6 @@ def run_pipeline(
         daemon=True,
     )
     px_area = None if spacing is None else float(spacing[0]) * float(spacing[1])
-    threshold = np.float32(segmenter.threshold)
     mergers: dict[int, _SliceMerger] = {}
     label_maps: dict[int, np.ndarray] = {}
     results: list[ObjectResult | None] = [None] * len(rows)
@@ -360,7 +359,8 @@ def run_pipeline(
                 r = rows[i]
                 k = int(r.slice_index)
                 probs, window = segmenter.slice_window(item.prepared, output, j)
-                mask = probs > threshold
+                origin = (window[1].start or 0, window[0].start or 0)
+                mask = segmenter.to_mask(probs, item.prepared.points[j], origin)
                 area = int(np.count_nonzero(mask))
                 name = base_label(str(r.label))
                 merger = mergers.get(k) or mergers.setdefault(k, _SliceMerger(shape, pending[k]))

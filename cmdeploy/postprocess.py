@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from cmdeploy.labels_to_points import connected_components
-
-POSTPROCESS_MODES = ("none", "clicked")
+from cmdeploy.spec import POSTPROCESS_MODES
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -256,6 +256,21 @@ class Segmenter:
         """Probability above which a pixel is foreground (from the spec)."""
         return self.spec.threshold
 
+    def to_mask(self, probs: np.ndarray, points: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """The mask of one object: ``probs > threshold``, then the spec's post-processing.
+
+        ``probs`` covers the slice window whose top-left pixel is ``origin`` = (x0, y0); ``points``
+        (4, 2) are in slice coordinates (x, y). Every way in (``predict``, the pipeline, servers)
+        turns probabilities into masks here.
+        """
+        mask = probs > np.float32(self.threshold)
+        if self.spec.postprocess == "none" or not mask.any():
+            return mask
+        from cmdeploy.postprocess import postprocess_mask
+
+        local = np.asarray(points, np.float64) - np.asarray(origin, np.float64)
+        return postprocess_mask(mask, local, self.spec.postprocess)
+
     def __repr__(self) -> str:
         kind = "fused" if self.fused else "plain"
         return (
@@ -420,5 +435,5 @@ class Segmenter:
             out = self.infer(batch)
             for i in range(len(batch)):
                 p = self.slice_probabilities(batch, out, i)
-                results.append(p if return_probabilities else p > np.float32(self.threshold))
+                results.append(p if return_probabilities else self.to_mask(p, batch.points[i]))
         return results

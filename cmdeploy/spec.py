@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 GUIDANCE_MODES = ("cm", "ep", "cm+ep")
+POSTPROCESS_MODES = ("none", "clicked")
 METADATA_KEY = "cmdeploy.spec"
 # ONNX metadata entry naming a model's numeric precision: "fp32", "fp16" or "int8"
 PRECISION_KEY = "cmdeploy.precision"
@@ -41,6 +42,8 @@ class ModelSpec:
             zoomed to this many crop pixels.
         train_target_range: range of ``b_m`` drawn uniformly during training.
         threshold: probability above which a pixel is foreground.
+        postprocess: mask post-processing from the clicks, ``"none"`` or ``"clicked"`` (keep the
+            components the points' segments touch, fill holes; :mod:`cmdeploy.postprocess`).
         pad_hu: HU value used outside the slice when the crop extends past its border.
     """
 
@@ -56,6 +59,7 @@ class ModelSpec:
     train_target_range: tuple[float, float] = (175.0, 200.0)
     threshold: float = 0.5
     pad_hu: float = -1024.0
+    postprocess: str = "none"
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -67,6 +71,8 @@ class ModelSpec:
             raise ValueError(f"window must be (low, high) with high > low, got {self.window}")
         if self.norm_std <= 0:
             raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
+        if self.postprocess not in POSTPROCESS_MODES:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}, got {self.postprocess!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 < self.target_size <= self.input_size:

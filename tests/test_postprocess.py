@@ -64,3 +64,29 @@ def test_invariants(mask: np.ndarray, coords: list[float]) -> None:
     np.testing.assert_array_equal(fill_holes(filled), filled)  # idempotent
     both = postprocess_mask(mask, pts, "clicked")
     assert both.shape == mask.shape and both.dtype == bool
+
+
+def test_segmenter_applies_the_specs_postprocessing(tmp_path) -> None:
+    """A model whose spec says 'clicked' drops the blob the clicks do not delimit, in predict and in
+    the batched pipeline's to_mask alike."""
+    from conftest import build_fake_fused_model
+
+    from cmdeploy import Segmenter
+    from cmdeploy.spec import ModelSpec
+
+    slice_hu = np.zeros((64, 64), np.float32)
+    slice_hu[10:30, 10:30] = 500.0  # the object
+    slice_hu[40:50, 40:50] = 500.0  # another bright blob inside the crop
+    slice_hu[14:18, 14:18] = 0.0  # a hole
+    pts = np.array([[10, 20], [29, 20], [20, 10], [20, 29]], np.float32)  # fake model: hu > 10
+    plain = Segmenter.load(build_fake_fused_model(tmp_path / "a.onnx", ModelSpec.for_input_size(64)))
+    post = Segmenter.load(build_fake_fused_model(
+        tmp_path / "b.onnx", ModelSpec.for_input_size(64, postprocess="clicked")))
+    raw = plain.predict(slice_hu, pts)
+    assert raw[40:50, 40:50].all() and not raw[14:18, 14:18].any()
+    got = post.predict(slice_hu, pts)
+    assert got[10:30, 10:30].all() and got.sum() == 400
+    probs = post.predict(slice_hu, pts, return_probabilities=True)
+    np.testing.assert_array_equal(post.to_mask(probs[5:60, 5:60], pts, origin=(5, 5)), got[5:60, 5:60])
+    with pytest.raises(ValueError, match="postprocess"):
+        ModelSpec.for_input_size(64, postprocess="magic")
