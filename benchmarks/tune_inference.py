@@ -20,14 +20,15 @@ import numpy as np
 
 from cmdeploy import Segmenter
 from cmdeploy.annotator import DEFAULT_ANNOTATOR
-from cmdeploy.metrics import dice
+from cmdeploy.evaluation.metrics import dice
 from cmdeploy.postprocess import postprocess_mask
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def _objects(data: list[str], cases: list[str], clicks: str, seed: int):
-    from cmdeploy.evaluation import find_cases, open_case, slice_objects
+    from cmdeploy.evaluation import open_case, slice_objects
+    from cmdeploy.io.cases import find_cases
 
     for root, names in zip(data, cases, strict=True):
         for case in find_cases(Path(root), cases=[n for n in names.split(",") if n]):
