@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmdeploy.errors import InputError
 from cmdeploy.train.checkpoint import Checkpoint
 from cmdeploy.train.loop import EpochSampler, TrainConfig, launch_local, lr_at, run_training, train_step
 from cmdeploy.train.losses import balanced_bce_with_logits
@@ -142,6 +143,26 @@ def test_final_model_without_validation_records_recipe_metrics(tmp_path: Path) -
     assert ckpt.metrics["last_epoch"]["epoch"] == 1 and "val_dice" in ckpt.metrics["last_epoch"]
 
 
+def test_init_fine_tunes_from_weights_with_a_new_schedule(tmp_path: Path) -> None:
+    base = run_training(tiny_cfg(tmp_path, guidance="cm+ep"))
+    start = Checkpoint.load(base.best_path)
+    ft = run_training(
+        tiny_cfg(tmp_path, out_dir=str(tmp_path / "ft"), guidance=None, init=str(base.best_path),
+                 freeze_backbone=True, base_width=None, input_size=None, epochs=1)
+    )
+    ckpt = Checkpoint.load(ft.last_path)
+    assert ckpt.epoch == 1 and [h["epoch"] for h in ft.history] == [1]  # its own schedule
+    assert ckpt.spec.channels == ("image", "cm", "ep")  # architecture and spec of the checkpoint
+    assert ckpt.train_info["init"]["checkpoint_sha256"] and ckpt.train_info["init"]["freeze_backbone"]
+    for key, value in start.state_dict.items():  # backbone (and its BN statistics) fixed, head trained
+        if key.startswith("backbone."):
+            assert torch.equal(ckpt.state_dict[key], value), key
+    head = "head.classifier.weight"
+    assert not torch.equal(ckpt.state_dict[head], start.state_dict[head])
+    with pytest.raises(InputError, match="guidance"):
+        run_training(tiny_cfg(tmp_path, out_dir=str(tmp_path / "x"), guidance="cm", init=str(base.best_path)))
+
+
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, out_dir=str(tmp_path / "ddp"), samples_per_epoch=8, batch_size=2)
     launch_local(cfg, world_size=2)
@@ -172,6 +193,16 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
     ckpt = Checkpoint.load(tmp_path / "o" / "best.pt")
     assert ckpt.spec.channels == ("image", "cm", "ep") and ckpt.model_config.in_channels == 3
     assert ckpt.train_info["split"]["val"] == ["c2"] and math.isfinite(ckpt.metrics["val_dice"])
+    res = runner.invoke(app, [*base, "--freeze-backbone"])
+    assert res.exit_code == 2 and "--init" in res.output
+    res = runner.invoke(app, [*base, "--init", out + "/best.pt", "--resume", out + "/last.pt"])
+    assert res.exit_code == 2 and "exclude" in res.output
+    res = runner.invoke(app, ["train", "--data", cfg.data, "--init", out + "/best.pt", "--threads", "1",
+                              "--no-progress", "--batch-size", "4", "--samples-per-epoch", "4",
+                              "--val-samples", "4", "--val-cases", "c2", "--epochs", "1",
+                              "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    assert Checkpoint.load(tmp_path / "ft" / "best.pt").spec.channels == ("image", "cm", "ep")
 
 
 @pytest.mark.slow

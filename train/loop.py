@@ -13,7 +13,9 @@
   against the full-slice component. Reported per label as mean +- std over slices, and
   ``val_dice`` = mean over labels of the per-label means (the model-selection score).
 * ``best.pt`` (highest ``val_dice``) and ``last.pt`` in ``out_dir``; ``resume`` continues from a
-  checkpoint's epoch with its model, optimiser, split and settings.
+  checkpoint's epoch with its model, optimiser, split and settings; ``init`` fine-tunes: the
+  checkpoint's weights, architecture and spec, with a new optimiser, schedule and split
+  (optionally a frozen backbone).
 * CUDA: mixed precision (``torch.autocast`` float16 + ``GradScaler``).
 """
 
@@ -62,7 +64,7 @@ class TrainConfig:
 
     data: str | list[str]
     out_dir: str = "runs/train"
-    guidance: str = "cm"
+    guidance: str | None = "cm"  # None: the --init checkpoint's (else "cm")
     config: str = "compact"
     base_width: int | None = None
     input_size: int | None = None
@@ -90,6 +92,11 @@ class TrainConfig:
     validate: bool = True
     recipe_checkpoint: str | None = None
     resume: str | None = None
+    # Fine-tuning: start from this checkpoint's weights (architecture and spec too) with a new
+    # optimiser and its own schedule; ``freeze_backbone`` keeps the ResNet (and its BN statistics)
+    # fixed and trains only the PSP head.
+    init: str | None = None
+    freeze_backbone: bool = False
     progress: bool = True
     command: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -143,6 +150,25 @@ class EpochSampler:
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(self.epoch, int(i)) for i in self.indices(self.epoch)])
+
+
+def freeze_backbone(model: torch.nn.Module) -> None:
+    """Fix the ResNet backbone: no gradients, and its BatchNorm layers stay in eval mode (their
+    running statistics are those of the initial checkpoint) even under ``model.train()``."""
+    backbone = model.backbone
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    original_train = backbone.train
+
+    def train(mode: bool = True) -> torch.nn.Module:
+        original_train(mode)
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        return backbone
+
+    backbone.train = train  # type: ignore[method-assign]
+    backbone.train(model.training)
 
 
 def lr_at(step: int, total: int, base: float, warmup_frac: float) -> float:
@@ -338,8 +364,20 @@ def _setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _model_spec(cfg: TrainConfig, resume: Checkpoint | None) -> tuple[TrainConfig, Any, ModelSpec]:
-    """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture and split."""
+def _model_spec(
+    cfg: TrainConfig, resume: Checkpoint | None, init: Checkpoint | None = None
+) -> tuple[TrainConfig, Any, ModelSpec]:
+    """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture and split; a
+    fine-tuned run (``init``) keeps its checkpoint's architecture and spec."""
+    if init is not None:
+        if cfg.guidance not in (None, init.spec.guidance):
+            raise InputError(
+                f"the --init checkpoint has guidance {init.spec.guidance!r}, this run asks for "
+                f"{cfg.guidance!r}: drop --guidance or pass --guidance {init.spec.guidance}"
+            )
+        return replace(cfg, guidance=init.spec.guidance), init.model_config, init.spec
+    if cfg.guidance is None:
+        cfg = replace(cfg, guidance="cm")
     if resume is not None:
         info = resume.train_info
         cfg = replace(
@@ -421,8 +459,13 @@ def _train_info(
     samples_per_epoch: int, num_train: int, num_val: int, world: int,
 ) -> dict[str, Any]:
     """The run's provenance, stored in every checkpoint (history and best metrics are added)."""
+    init = None
+    if cfg.init:
+        init = {"checkpoint": str(Path(cfg.init).resolve()), "checkpoint_sha256": file_sha256(cfg.init),
+                "freeze_backbone": cfg.freeze_backbone}
     return {
         "data": [str(Path(d).resolve()) for d in ([cfg.data] if isinstance(cfg.data, str) else cfg.data)],
+        "init": init,
         "split": {k: [c.name for c in v] for k, v in splits.items()},
         "command": cfg.command or shlex.join(sys.argv),
         "seed": cfg.seed,
@@ -541,14 +584,24 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     """
     rank, world, device = _setup(cfg)
     distributed = world > 1
+    if cfg.resume and cfg.init:
+        raise InputError("--resume and --init exclude each other (resume continues a run, init starts one)")
     resume_ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
-    cfg, model_config, spec = _model_spec(cfg, resume_ckpt)
+    init_ckpt = Checkpoint.load(cfg.init) if cfg.init else None
+    cfg, model_config, spec = _model_spec(cfg, resume_ckpt, init_ckpt)
     splits, train_vols, val_vols, train_samples, val_samples = _load_data(cfg, rank)
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device)
+    if init_ckpt is not None:
+        model.load_state_dict(init_ckpt.state_dict)
+        _log(f"fine-tuning from {cfg.init} (epoch {init_ckpt.epoch})"
+             f"{', backbone frozen' if cfg.freeze_backbone else ''}", rank)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
     )
     recipe_metrics = _recipe_metrics(cfg)
     state = _resume(resume_ckpt, model, optimizer, cfg, rank)

@@ -18,7 +18,10 @@ def train(
         ..., "--data",
         help="Data folder (ct-organs, SegTHOR or *_image/*_label); repeat to train on several folders.",
     ),
-    guidance: str = typer.Option("cm", "--guidance", help="Guidance channel(s): cm, ep or cm+ep."),
+    guidance: str = typer.Option(
+        None, "--guidance",
+        help="Guidance channel(s): cm, ep or cm+ep [default: cm, or the --init checkpoint's].",
+    ),
     config: str = typer.Option("compact", "--config", help="Model config: compact or paper."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Number of epochs."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size per process."),
@@ -30,6 +33,14 @@ def train(
     samples_per_epoch: int = typer.Option(None, "--samples-per-epoch", min=1, help="Samples per epoch."),
     val_samples: int = typer.Option(None, "--val-samples", min=1, help="Cap on validation samples."),
     resume: Path = typer.Option(None, "--resume", help="Checkpoint to continue from."),
+    init: Path = typer.Option(
+        None, "--init",
+        help="Fine-tune: start from this checkpoint's weights (its architecture and spec) with a new "
+        "optimiser, schedule and split.",
+    ),
+    freeze_backbone: bool = typer.Option(
+        False, "--freeze-backbone", help="With --init: train only the PSP head (backbone and its BN fixed).",
+    ),
     base_width: int = typer.Option(None, "--base-width", min=1, help="Override the config's width."),
     input_size: int = typer.Option(None, "--input-size", min=16, help="Override the crop size (px)."),
     threads: int = typer.Option(None, "--threads", min=1, help="torch intra-op threads."),
@@ -67,12 +78,20 @@ def train(
             fail(f"--data {folder} does not exist")
     if clicks not in ("annotator", "exact"):
         fail(f"--clicks must be 'annotator' or 'exact', got {clicks!r}")
-    if guidance not in GUIDANCE_MODES:
+    if guidance is not None and guidance not in GUIDANCE_MODES:
         fail(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
     if config not in NAMED_CONFIGS:
         fail(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
     if resume is not None and not resume.is_file():
         fail(f"--resume {resume} is not a file")
+    if init is not None and not init.is_file():
+        fail(f"--init {init} is not a file")
+    if init is not None and resume is not None:
+        fail("--init and --resume exclude each other: --resume continues a run, --init starts a new one")
+    if freeze_backbone and init is None:
+        fail("--freeze-backbone needs --init (a randomly initialised backbone cannot stay fixed)")
+    if init is not None and (base_width or input_size):
+        fail("--init fixes the architecture: drop --base-width/--input-size")
     if recipe_checkpoint is not None and not (no_validation and recipe_checkpoint.is_file()):
         fail(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
     if no_validation and val_cases:
@@ -100,6 +119,8 @@ def train(
         validate=not no_validation,
         recipe_checkpoint=str(recipe_checkpoint) if recipe_checkpoint else None,
         resume=str(resume) if resume else None,
+        init=str(init) if init else None,
+        freeze_backbone=freeze_backbone,
         progress=progress,
         command="cmdeploy " + shlex.join(sys.argv[1:]),
     )
