@@ -31,10 +31,8 @@ import numpy as np
 
 from cmdeploy.backends.base import batch_chunks
 from cmdeploy.errors import InputError
-from cmdeploy.points_csv import base_label
+from cmdeploy.points_csv import MAX_LABELS, base_label
 from cmdeploy.segmenter import PreparedBatch, Segmenter, check_points, check_slice
-
-MAX_LABELS = int(np.iinfo(np.uint16).max)
 
 
 class ObjectRow(Protocol):
