@@ -89,6 +89,8 @@ def exit_on_error(
 
     try:
         yield
+    except (typer.Exit, typer.Abort):  # click's Exit is a RuntimeError: never a model error
+        raise
     except InputError as exc:
         err.print(f"[red]error:[/red] {escape(scrub(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
@@ -102,15 +104,17 @@ def exit_on_error(
 
 def _runtime_message(exc: BaseException) -> str:
     """The message of a model/runtime error: cmdeploy's own (ModelError) scrubbed of identifiers,
-    an OS error as ``<reason>: '<file>'``, anything else as a scrubbed library message."""
-    from cmdeploy.privacy import describe_exception, scrub
+    an OS error as ``<reason>: '<file>'``, anything else as a scrubbed library message (quoted
+    values dropped), one line."""
+    from cmdeploy.privacy import scrub
 
     if isinstance(exc, ModelError):
         return scrub(exc)
     if isinstance(exc, OSError) and exc.strerror:
         where = f": '{exc.filename}'" if exc.filename else ""
         return scrub(f"{exc.strerror}{where}")
-    return describe_exception(exc)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub(text, library=True)
 
 
 @contextmanager

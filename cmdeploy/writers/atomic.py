@@ -207,11 +207,14 @@ def check_writable_folder(folder: str | Path, what: str = "output folder") -> No
     _remove(probe)
 
 
-def check_output_file(path: str | Path, *, overwrite: bool, what: str = "output") -> Path:
+def check_output_file(
+    path: str | Path, *, overwrite: bool, what: str = "output", folder_may_be_missing: bool = False
+) -> Path:
     """The checks a single output file gets before any work: no folder or other non-regular file
     at ``path`` (even with ``overwrite``), no existing file unless ``overwrite``
-    (:class:`OutputExistsError`), an existing, writable parent folder. Stale temp files of earlier
-    runs in that folder are removed. Returns ``path``.
+    (:class:`OutputExistsError`), an existing (or, with ``folder_may_be_missing``, creatable),
+    writable parent folder. Stale temp files of earlier runs in that folder are removed.
+    Returns ``path``.
     """
     p = Path(path)
     if p.name in ("", ".", ".."):
@@ -219,7 +222,7 @@ def check_output_file(path: str | Path, *, overwrite: bool, what: str = "output"
     if existing_regular_file(p, what) and not overwrite:
         raise OutputExistsError([p])
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.is_dir() and not folder_may_be_missing:
         raise InputError(f"{what} '{p}': folder '{parent}' does not exist")
     check_writable_folder(parent, what=f"{what} folder")
     remove_stale_temps(parent)
