@@ -547,6 +547,11 @@ class OutputDir:
         if self._closed:
             return
         if exc_type is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:  # e.g. a signal just before the commit deferred it
+                if not self._closed:
+                    self.discard()
+                raise
         else:
             self.discard()

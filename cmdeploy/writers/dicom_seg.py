@@ -31,7 +31,7 @@ import numpy as np
 
 from cmdeploy import __version__
 from cmdeploy.errors import InputError
-from cmdeploy.writers import SegmentedObject, check_objects, label_values
+from cmdeploy.writers import MaskCrop, SegmentedObject, check_objects, label_values
 from cmdeploy.writers.atomic import atomic_path
 from cmdeploy.writers.png_overlay import color_for_value
 from cmdeploy.writers.snomed import property_codes
@@ -346,9 +346,12 @@ def segment_descriptions(values: Mapping[str, int], *, algorithm_version: str = 
     return descs
 
 
-def _object_mask(obj: SegmentedObject, i: int, series: Series) -> np.ndarray:
-    """Object ``i``'s bool (H, W) mask, checked like :func:`cmdeploy.writers.check_objects`."""
-    return check_objects([obj], series.num_slices, series.shape)[0]
+def _object_mask(obj: SegmentedObject, i: int, series: Series) -> MaskCrop:
+    """Object ``i``'s mask cut to its box, checked like :func:`cmdeploy.writers.check_objects`."""
+    try:
+        return check_objects([obj], series.num_slices, series.shape)[0]
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("object 0", f"object {i}", 1)) from None
 
 
 def _label_frames(
@@ -364,18 +367,20 @@ def _label_frames(
         label = str(obj.label)
         if label not in values:
             raise ValueError(f"label {label!r} has no segment number in `values`")
-        mask = _object_mask(obj, i, series)
-        frame = frames[row[int(obj.slice_index)]]
+        mc = _object_mask(obj, i, series)
+        frame = frames[row[int(obj.slice_index)]][mc.window]
         v = values[label]
-        if np.any(frame[mask] != 0) and np.any((frame[mask] != 0) & (frame[mask] != v)):
+        taken = frame[mc.crop]
+        if np.any((taken != 0) & (taken != v)):
             break
-        frame[mask] = v
+        frame[mc.crop] = v
     else:
         return frames
     del frames  # overlapping labels: BINARY segments are independent, so one plane per segment
     stack = np.zeros((len(annotated), h, w, len(values)), dtype=np.uint8)
     for i, obj in enumerate(objects):
-        stack[row[int(obj.slice_index)], :, :, values[str(obj.label)] - 1] |= _object_mask(obj, i, series)
+        mc = _object_mask(obj, i, series)
+        stack[row[int(obj.slice_index)], :, :, values[str(obj.label)] - 1][mc.window] |= mc.crop
     return stack
 
 

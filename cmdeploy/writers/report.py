@@ -127,7 +127,8 @@ def describe_objects(
     for obj in objects:
         if str(obj.label) not in values:
             raise ValueError(f"label {str(obj.label)!r} has no value in `values`")
-        area = int(np.count_nonzero(obj.mask))
+        make = getattr(obj, "mask_crop", None)
+        area = make().area if callable(make) else int(np.count_nonzero(obj.mask))
         pts = object_points(obj)
         rows.append(
             {
