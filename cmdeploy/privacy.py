@@ -7,7 +7,8 @@ SOP Class UID. Everything a command prints about an error, and every log record 
 passes through :func:`scrub` first:
 
 * values registered with :func:`register_identifiers` (the DICOM reader registers the patient and
-  study attributes and the UIDs of every header it reads) are replaced by ``<redacted>``;
+  study attributes and the UIDs of every header it reads) are replaced by ``<redacted>`` wherever
+  they stand as whole words (case-insensitive: "DOE" in "Doe^Jane", not in "does");
 * anything shaped like a DICOM UID (4 or more dot-separated numbers, or a long last component such
   as ``2.25.<uuid>``) is replaced by ``<uid>``;
 * for library text (``library=True``), quoted values are replaced by ``'...'``, since they are
@@ -64,7 +65,8 @@ def _identifier_pattern() -> re.Pattern[str] | None:
     with _lock:
         if _pattern is None and _identifiers:
             alts = sorted(_identifiers, key=len, reverse=True)
-            _pattern = re.compile("|".join(re.escape(a) for a in alts), re.IGNORECASE)
+            body = "|".join(re.escape(a) for a in alts)
+            _pattern = re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)  # whole words only
         return _pattern
 
 

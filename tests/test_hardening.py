@@ -331,6 +331,8 @@ def test_scrubber_redacts_registered_identifiers_uids_and_library_quotes() -> No
     assert "Zebulon" not in out.title() and "778812" not in out and "113619" not in out
     assert "raw value" not in out and "v1.2.3" in out  # versions are not UIDs
     assert scrub("file '/data/x.dcm'") == "file '/data/x.dcm'"  # cmdeploy's own quotes are kept
+    register_identifiers(["Doe^Jane"])
+    assert scrub("the file does not exist; DOE JANE") == "the file does not exist; <redacted>"
 
 
 def test_library_log_records_and_warnings_are_scrubbed(capsys) -> None:
@@ -343,7 +345,10 @@ def test_library_log_records_and_warnings_are_scrubbed(capsys) -> None:
     logging.getLogger("highdicom.base").info("copy attributes from 1.2.3.4.5.6")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        logging.captureWarnings(False)  # re-route inside this block, whatever pytest installed
+        install_log_scrubber()
         warnings.warn("Invalid value for VR DA: '03/14/1961'", UserWarning, stacklevel=1)
+        logging.captureWarnings(False)
     text = capsys.readouterr().err
     assert "3680043" not in text and "1.2.3.4.5.6" not in text and "03/14/1961" not in text
     assert "highdicom.seg.sop: created" in text and "UserWarning: Invalid value for VR DA" in text
