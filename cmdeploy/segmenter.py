@@ -52,7 +52,7 @@ POINT_MARGIN = 0.5
 
 def check_slice(slice_hu: Any, *, name: str = "slice") -> np.ndarray:
     """A finite, numeric 2-D (H, W) slice as float32; :class:`InputError` otherwise."""
-    if not isinstance(slice_hu, np.ndarray) and not isinstance(slice_hu, (list, tuple)):
+    if not (isinstance(slice_hu, (np.ndarray, list, tuple)) or hasattr(slice_hu, "__array__")):
         raise InputError(
             f"{name} must be a 2-D (H, W) NumPy array of HU, got {type(slice_hu).__name__}"
         )
@@ -81,7 +81,7 @@ def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -
     Order left, right, top, bottom, each (x = column, y = row); see
     :func:`cmdeploy.guidance.validate_points`. Points may lie at most 0.5 px outside the pixel grid.
     """
-    if not isinstance(points, (np.ndarray, list, tuple)):
+    if not (isinstance(points, (np.ndarray, list, tuple)) or hasattr(points, "__array__")):
         raise InputError(
             f"{name} must be a (4, 2) array (left, right, top, bottom; each (x, y)), "
             f"got {type(points).__name__}"

@@ -582,3 +582,26 @@ def test_api_predict_batch_of_one_slice_and_threads(plain_model_path) -> None:
     for bad in (-1, 0, True, 1.5):
         with pytest.raises(InputError, match="threads"):
             Segmenter.load(plain_model_path, threads=bad)
+
+
+def test_outputs_of_an_earlier_report_never_reach_outside_the_folder(tmp_path: Path) -> None:
+    """A report.json edited to list foreign files: nothing outside the folder, nothing through a
+    symbolic link and no folder is removed."""
+    from cmdeploy.writers.atomic import OutputDir
+
+    root = tmp_path / "out"
+    (root / "overlays").mkdir(parents=True)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "x.png").write_text("mine too")
+    (root / "via").symlink_to(tmp_path / "linked")
+    (root / "overlays" / "old.png").write_text("old output")
+    (root / "afolder").mkdir()
+    with OutputDir(root, overwrite=True) as out:
+        out.check(["report.json"])
+        out.remove_on_commit(["../precious.txt", str(outside), "via/x.png", "afolder", "overlays/old.png"])
+        out.write_text("report.json", "{}")
+    assert outside.read_text() == "mine" and (tmp_path / "linked" / "x.png").exists()
+    assert (root / "afolder").is_dir() and not (root / "overlays").exists()
+    assert out.removed == [root / "overlays" / "old.png"]
