@@ -605,3 +605,17 @@ def test_outputs_of_an_earlier_report_never_reach_outside_the_folder(tmp_path: P
     assert outside.read_text() == "mine" and (tmp_path / "linked" / "x.png").exists()
     assert (root / "afolder").is_dir() and not (root / "overlays").exists()
     assert out.removed == [root / "overlays" / "old.png"]
+
+
+def test_an_interrupted_command_exits_130_like_infer() -> None:
+    import io
+
+    import typer
+    from rich.console import Console
+
+    from cmdeploy.commands._common import EXIT_INTERRUPTED, guarded
+
+    buf = io.StringIO()
+    with pytest.raises(typer.Exit) as info, guarded(Console(file=buf)):
+        raise KeyboardInterrupt
+    assert info.value.exit_code == EXIT_INTERRUPTED == 130 and "interrupted" in buf.getvalue()

@@ -1,8 +1,8 @@
 """Plumbing shared by the CLI commands: consoles, errors -> exit statuses, JSON of results.
 
 Exit statuses: 1 = a check failed (parity, accuracy gate), 2 = a bad input or option
-(:class:`~cmdeploy.errors.InputError`), 3 = a model or runtime failure; an interrupted command
-(SIGINT or SIGTERM) prints "Aborted!" and exits 1 after removing its temp files. Every message goes
+(:class:`~cmdeploy.errors.InputError`), 3 = a model or runtime failure, 130 = interrupted (SIGINT
+or SIGTERM; staged outputs and temp files are removed first, as ``infer`` does). Every message goes
 through :func:`cmdeploy.privacy.scrub` (no patient identifiers or UIDs on the terminal). Every
 command runs its body in :func:`guarded`, so none ends in a traceback. rich loads inside the
 functions, so command modules may import this one at their top without slowing ``cmdeploy --help``.
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 EXIT_CHECK = 1
 EXIT_INPUT = 2
 EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
 # what a command reports as "model/runtime error" (exit 3) by default
 MODEL_ERRORS: tuple[type[BaseException], ...] = (ModelError, RuntimeError, MemoryError, OSError)
 
@@ -149,15 +150,21 @@ def guarded(
     """:func:`no_traceback` around :func:`exit_on_error`: the error plumbing of every command.
 
     InputError -> exit 2, ``model_errors`` -> exit 3, any other exception -> one scrubbed line and
-    exit 3; ``typer.Exit`` (e.g. from :func:`fail`) passes through.
+    exit 3, Ctrl-C or SIGTERM -> ``interrupted`` and exit 130; ``typer.Exit`` (e.g. from
+    :func:`fail`) passes through.
     """
-    with no_traceback(err), exit_on_error(err, model_errors=model_errors):
-        yield
+    try:
+        with no_traceback(err), exit_on_error(err, model_errors=model_errors):
+            yield
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 __all__ = [
     "EXIT_CHECK",
     "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
     "EXIT_MODEL",
     "MODEL_ERRORS",
     "error_console",
