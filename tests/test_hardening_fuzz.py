@@ -40,15 +40,16 @@ pytest.importorskip("highdicom")
 
 # ------------------------------------------------------------------------------ strategies
 _letters = st.sampled_from(list("abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ") + list("äöüéñßøÅЖжλ漢字"))
-_name_part = st.text(_letters, min_size=3, max_size=10)
+# every drawn text starts with "Zq", which no normal output contains, so a hit is a real leak
+_name_part = st.text(_letters, min_size=2, max_size=10).map(lambda t: "Zq" + t)
 names = st.builds(lambda a, b: f"{a}^{b}", _name_part, _name_part)
 dates = st.one_of(
     st.sampled_from(["03/14/1961", "1961-03-14", "31.12.1999", "20240230", "19610314x", "yesterday",
-                     "99999999", ""]),
+                     "00000000", ""]),
     st.dates().map(lambda d: d.strftime("%Y%m%d")),
 )
 times = st.sampled_from(["25:61:00", "12:30", "noon-ish", "101010.123456", "", "246060"])
-ids = st.text(_letters, min_size=4, max_size=16)
+ids = st.text(_letters, min_size=2, max_size=14).map(lambda t: "Zq" + t)
 sexes = st.sampled_from(["M", "F", "O", "", "female", "unknown", "X"])
 
 
