@@ -66,7 +66,8 @@ def _identifier_pattern() -> re.Pattern[str] | None:
         if _pattern is None and _identifiers:
             alts = sorted(_identifiers, key=len, reverse=True)
             body = "|".join(re.escape(a) for a in alts)
-            _pattern = re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)  # whole words only
+            # whole words only; "_", "-", "." and "/" separate words (folder names like DOE_JANE)
+            _pattern = re.compile(rf"(?<![^\W_])(?:{body})(?![^\W_])", re.IGNORECASE)
         return _pattern
 
 

@@ -333,6 +333,7 @@ def test_scrubber_redacts_registered_identifiers_uids_and_library_quotes() -> No
     assert scrub("file '/data/x.dcm'") == "file '/data/x.dcm'"  # cmdeploy's own quotes are kept
     register_identifiers(["Doe^Jane"])
     assert scrub("the file does not exist; DOE JANE") == "the file does not exist; <redacted>"
+    assert scrub("'/data/DOE_JANE/ct'") == "'/data/<redacted>_<redacted>/ct'"  # folder names too
 
 
 def test_library_log_records_and_warnings_are_scrubbed(capsys) -> None:
