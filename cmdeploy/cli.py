@@ -48,6 +48,11 @@ def main(
     ),
 ) -> None:
     """cmdeploy: extreme-point confidence-map segmentation, from training to deployment."""
+    from cmdeploy.commands._common import install_signal_handlers
+    from cmdeploy.privacy import install_log_scrubber
+
+    install_signal_handlers()
+    install_log_scrubber()
 
 
 def _register() -> None:

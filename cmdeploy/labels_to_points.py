@@ -194,11 +194,15 @@ def points_from_label_slice(
 
     ``simulate``: draw each object's points from the simulated annotator (:mod:`cmdeploy.annotator`,
     hand error in mm through ``spacing_xy``) with a generator seeded by ``(seed, slice, label id,
-    piece)``, instead of the exact extreme points.
+    piece)``, instead of the exact extreme points. Objects one pixel wide or high (a zero-width or
+    zero-height box of extreme points) are left out: the points CSV refuses them, as they have no
+    real extent.
     """
     rows: list[PointsRow] = []
     for cp in label_components(labels, min_size=min_size, connectivity=connectivity, label_ids=label_ids):
-        y0, _, x0, _ = cp.bbox
+        y0, y1, x0, x1 = cp.bbox
+        if y0 == y1 or x0 == x1:
+            continue
         if simulate is not None:
             rng = np.random.default_rng([int(seed), int(slice_index), cp.label_id, cp.piece])
             pts = annotator_points(cp.mask(), spacing_xy, simulate, rng)

@@ -25,16 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
 
 from cmdeploy.backends.base import batch_chunks
 from cmdeploy.errors import InputError
-from cmdeploy.points_csv import base_label
+from cmdeploy.points_csv import MAX_LABELS, base_label
 from cmdeploy.segmenter import PreparedBatch, Segmenter, check_points, check_slice
-
-MAX_LABELS = int(np.iinfo(np.uint16).max)
+from cmdeploy.writers import MaskCrop
 
 
 class ObjectRow(Protocol):
@@ -103,11 +103,13 @@ class Timings:
 
 
 @dataclass(frozen=True, eq=False)
-class LabelMask:
+class LabelMask:  # not slotted: cached_property needs an instance __dict__
     """One base label on one slice after merging, in the writers' object shape.
 
-    ``mask`` (bool (H, W), ``[y, x]``) is computed from the label map on access; ``points`` are the
-    extreme points of the label's first object on that slice.
+    ``mask`` (bool (H, W), ``[y, x]``) is computed from the label map on access; writers use
+    :meth:`mask_crop` (the mask cut to its bounding box, computed once) so that no full-slice mask
+    per object is ever held. ``points`` are the extreme points of the label's first object on that
+    slice.
     """
 
     slice_index: int
@@ -119,6 +121,21 @@ class LabelMask:
     @property
     def mask(self) -> np.ndarray:
         return self.label_map == self.value
+
+    @cached_property
+    def _crop(self) -> MaskCrop:
+        lm = self.label_map
+        rows = np.flatnonzero((lm == self.value).any(axis=1))
+        if rows.size == 0:
+            return MaskCrop(np.zeros((0, 0), dtype=bool), 0, 0)
+        band = lm[rows[0] : rows[-1] + 1] == self.value  # only the rows holding the label
+        cols = np.flatnonzero(band.any(axis=0))
+        crop = band[:, cols[0] : cols[-1] + 1].copy()
+        return MaskCrop(crop, int(rows[0]), int(cols[0]))
+
+    def mask_crop(self) -> MaskCrop:
+        """The mask cut to its bounding box (:class:`cmdeploy.writers.MaskCrop`)."""
+        return self._crop
 
 
 @dataclass

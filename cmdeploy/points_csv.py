@@ -5,13 +5,15 @@ Columns are found by name (case-insensitive, any order, extra columns ignored):
 * ``slice_index`` (0-based, in the Series' slice order) and/or ``sop_instance_uid`` (DICOM); at
   least one column must exist and every row must fill at least one; when both are filled they
   must name the same slice.
-* ``label``: a non-empty object name, unique per slice. ``name#k`` (k = 2, 3, ...) marks the k-th
-  extra connected piece of ``name`` on a slice (written by ``points-from-labels``; ``infer`` merges
-  ``#k`` pieces into ``name``).
+* ``label``: a non-empty object name, unique per slice, without control characters or line
+  breaks. ``name#k`` (k = 2, 3, ...) marks the k-th extra connected piece of ``name`` on a slice
+  (written by ``points-from-labels``; ``infer`` merges ``#k`` pieces into ``name``). At most
+  :data:`MAX_LABELS` distinct names (without ``#k``) per file: they must fit a uint16 label map.
 * ``left_x,left_y,right_x,right_y,top_x,top_y,bottom_x,bottom_y``: pixel coordinates,
   ``x`` = column, ``y`` = row, pixel centres at integers, inside the slice
-  (``0 <= x <= W-1``, ``0 <= y <= H-1``), ``left_x <= right_x``, ``top_y <= bottom_y``, and not all
-  four points the same.
+  (``0 <= x <= W-1``, ``0 <= y <= H-1``), ``left_x <= right_x``, ``top_y <= bottom_y``, and a box
+  with a real extent: the points' x values are not all equal (zero width), nor their y values
+  (zero height).
 
 Line numbers count physical lines of the file, the header being line 1. Every problem in every
 row is collected and reported in one :class:`~cmdeploy.errors.InputError`.
@@ -23,6 +25,7 @@ import csv
 import io
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ import numpy as np
 
 from cmdeploy.errors import InputError
 from cmdeploy.io.series import Series
-from cmdeploy.writers.atomic import atomic_path
+from cmdeploy.writers.atomic import atomic_path, check_output_file
 
 POINT_COLUMNS: tuple[str, ...] = (
     "left_x",
@@ -59,7 +62,21 @@ def base_label(label: str) -> str:
     text = label.strip()
     m = _PIECE.match(text)
     return m.group(1) if m else text
+
+
 MAX_REPORTED_PROBLEMS = 100
+MAX_LABELS = 65535  # distinct base labels: values of a uint16 label map and DICOM segment numbers
+
+
+def label_problem(label: str) -> str | None:
+    """Why ``label`` cannot name an object (empty, control characters, line breaks), or None."""
+    if not label.strip():
+        return "label is empty"
+    bad = [c for c in label if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")]
+    if bad:
+        codes = ", ".join(sorted({f"U+{ord(c):04X}" for c in bad}))
+        return f"label contains control characters or line breaks ({codes})"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,6 +222,12 @@ class _RowParser:
         if np.all(pts == pts[0]):
             problems.append("all four points are identical (no extent)")
             ok = False
+        elif pts[:, 0].max() == pts[:, 0].min():
+            problems.append(f"zero-width box (every x is {pts[0, 0]:g}); an object needs a real extent")
+            ok = False
+        elif pts[:, 1].max() == pts[:, 1].min():
+            problems.append(f"zero-height box (every y is {pts[0, 1]:g}); an object needs a real extent")
+            ok = False
         return pts.astype(np.float32) if ok else None
 
     def parse(self, row: list[str], line: int) -> tuple[PointsRow | None, list[str]]:
@@ -215,14 +238,15 @@ class _RowParser:
             )
         si, uid = self._slice(row, problems)
         label = self._cell(row, LABEL_COLUMN)
-        if not label:
-            problems.append("label is empty")
+        bad_label = label_problem(label)
+        if bad_label:
+            problems.append(bad_label)
         pts = self._points(row, problems)
-        if si is not None and label:
+        if si is not None and not bad_label:
             first = self.seen.setdefault((si, label), line)
             if first != line:
                 problems.append(f"duplicate of line {first} (slice {si}, label {_show(label)})")
-        if problems or si is None or pts is None:
+        if problems or si is None or pts is None or bad_label:
             return None, problems
         return PointsRow(si, label, pts, uid, line), problems
 
@@ -269,6 +293,12 @@ def parse_points_csv(
         )
     if not out:
         raise InputError(f"{source} has a header but no data rows")
+    n_labels = len({base_label(r.label) for r in out})
+    if n_labels > MAX_LABELS:
+        raise InputError(
+            f"{source}: {n_labels} distinct labels; at most {MAX_LABELS} fit a label map "
+            "(merge labels or split the file)"
+        )
     return out
 
 
@@ -296,19 +326,19 @@ def _fmt(v: float) -> str:
     return np.format_float_positional(np.float32(v), trim="-")
 
 
-def write_points_csv(path: str | Path, rows: Iterable[PointsRow]) -> None:
+def write_points_csv(path: str | Path, rows: Iterable[PointsRow], *, overwrite: bool = False) -> None:
     """Write rows as a points CSV (written to a temp file in the same folder, then renamed).
 
     Columns: ``slice_index``, ``sop_instance_uid`` (only when some row has one), ``label``, then
-    the eight point coordinates (shortest float32 round-trip text).
+    the eight point coordinates (shortest float32 round-trip text). An existing file is refused
+    (:class:`~cmdeploy.writers.atomic.OutputExistsError`) unless ``overwrite``; a folder or other
+    non-regular file at ``path`` always is.
     """
     p = Path(path)
     rows = list(rows)
     with_uid = any(r.sop_instance_uid for r in rows)
     header = [SLICE_COLUMN, *([UID_COLUMN] if with_uid else []), LABEL_COLUMN, *POINT_COLUMNS]
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output folder '{parent}' does not exist")
+    check_output_file(p, overwrite=overwrite, what="points CSV")
     with atomic_path(p) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(header)

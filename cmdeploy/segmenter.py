@@ -52,11 +52,21 @@ POINT_MARGIN = 0.5
 
 def check_slice(slice_hu: Any, *, name: str = "slice") -> np.ndarray:
     """A finite, numeric 2-D (H, W) slice as float32; :class:`InputError` otherwise."""
-    arr = np.asarray(slice_hu)
+    if not (isinstance(slice_hu, (np.ndarray, list, tuple)) or hasattr(slice_hu, "__array__")):
+        raise InputError(
+            f"{name} must be a 2-D (H, W) NumPy array of HU, got {type(slice_hu).__name__}"
+        )
+    try:
+        arr = np.asarray(slice_hu)
+    except (ValueError, TypeError):
+        raise InputError(f"{name} must be a 2-D (H, W) array of HU (ragged or not numeric)") from None
     if arr.ndim != 2:
         raise InputError(f"{name} must be a 2-D (H, W) array of HU, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{name} must be numeric HU, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "iuf":
+        raise InputError(
+            f"{name} must be numeric HU (integer or float), got dtype {arr.dtype}"
+            + (" (a mask, not an image?)" if arr.dtype.kind == "b" else "")
+        )
     if min(arr.shape) < 2:
         raise InputError(f"{name} must be at least 2 x 2 pixels, got shape {arr.shape}")
     arr = np.asarray(arr, dtype=np.float32)
@@ -71,10 +81,21 @@ def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -
     Order left, right, top, bottom, each (x = column, y = row); see
     :func:`cmdeploy.guidance.validate_points`. Points may lie at most 0.5 px outside the pixel grid.
     """
-    if np.ndim(points) != 2:
+    if not (isinstance(points, (np.ndarray, list, tuple)) or hasattr(points, "__array__")):
+        raise InputError(
+            f"{name} must be a (4, 2) array (left, right, top, bottom; each (x, y)), "
+            f"got {type(points).__name__}"
+        )
+    try:
+        arr = np.asarray(points)
+    except (ValueError, TypeError):
+        raise InputError(f"{name} must be a (4, 2) array of numbers (ragged or not numeric)") from None
+    if arr.dtype.kind not in "iuf":
+        raise InputError(f"{name} must be integer or float pixel coordinates, got dtype {arr.dtype}")
+    if arr.ndim != 2:
         raise InputError(
             f"{name} must have shape (4, 2) (left, right, top, bottom; each (x, y)), "
-            f"got shape {np.shape(points)}"
+            f"got shape {arr.shape}"
         )
     try:
         pts = validate_points(points, name=name)[0]
@@ -218,10 +239,19 @@ class Segmenter:
 
         Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
         """
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise InputError(f"threads must be None (one per core) or an integer >= 1, got {threads!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if device not in ("cpu", "cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if path is None:
             from cmdeploy.models import default_model_path
 
             path = default_model_path()
+        if not isinstance(path, (str, Path)):
+            raise InputError(f"path must be a str or Path to a model file, got {type(path).__name__}")
         path = Path(path)
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -405,7 +435,22 @@ class Segmenter:
 
         Returns:
             a list of N bool (or float32) (H_i, W_i) arrays, in input order.
+
+        Raises :class:`InputError` for anything else (generators, bool or complex arrays, a single
+        object's (4, 2) points: use :meth:`predict` for one object).
         """
+        for what, value in (("slices", slices), ("points", points)):
+            if not isinstance(value, (np.ndarray, list, tuple)):
+                raise InputError(
+                    f"predict_batch: {what} must be a list or a NumPy array, got {type(value).__name__} "
+                    "(materialise generators with list(...))"
+                )
+        if np.ndim(points) == 2 and np.shape(points) == (4, 2):
+            raise InputError(
+                "predict_batch expects a list of slices and (N, 4, 2) points, one (4, 2) set per "
+                "object; got a single (4, 2) set: use predict(slice_hu, points) for one object, or "
+                "predict_batch([slice_hu], [points])"
+            )
         pts_list = [points[i] for i in range(len(points))]
         if isinstance(slices, np.ndarray) and slices.ndim == 2:
             checked = check_slice(slices)

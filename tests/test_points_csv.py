@@ -175,7 +175,10 @@ def test_write_read_round_trip_atomic(tmp_path, series) -> None:
         rows.append(PointsRow(k, f"organ, {k}", pts, UIDS[k] if k else None))
     out = tmp_path / "out.csv"
     out.write_text("old content")
-    write_points_csv(out, rows)
+    with pytest.raises(InputError, match="overwrite"):  # an existing file is never replaced silently
+        write_points_csv(out, rows)
+    assert out.read_text() == "old content"
+    write_points_csv(out, rows, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]  # temp file renamed away
     back = read_points_csv(out, series)
     assert [(r.slice_index, r.label, r.line) for r in back] == [

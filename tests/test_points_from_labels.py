@@ -196,7 +196,7 @@ def test_cli_writes_valid_csv_and_exits_2_on_bad_input(tmp_path) -> None:
                                                         (1, "liver#2")]
     assert rows[1].points[:, 0].min() == 10 and rows[2].points[:, 0].max() == 5  # 30 px, then 25 px
     res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--min-size", "26",
-                                 "--connectivity", "4"])
+                                 "--connectivity", "4", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert [(r.slice_index, r.label) for r in read_points_csv(out, open_series(tmp_path / "ct.npy"))] == [
         (0, "5"), (1, "5")]  # the 25 px piece dropped; no names file: the id as text
@@ -204,7 +204,8 @@ def test_cli_writes_valid_csv_and_exits_2_on_bad_input(tmp_path) -> None:
     assert res.exit_code == 2 and "unknown label" in res.output
     res = runner.invoke(_cli(), [str(tmp_path / "nope.nii"), "-o", str(out)])
     assert res.exit_code == 2 and "does not exist" in res.output
-    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--min-size", "999"])
+    res = runner.invoke(_cli(), [str(tmp_path / "lab.npy"), "-o", str(out), "--min-size", "999",
+                                 "--overwrite"])
     assert res.exit_code == 2 and "no object" in res.output
 
 

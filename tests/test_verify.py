@@ -170,7 +170,8 @@ def test_bad_inputs_exit_2(models, tmp_path) -> None:
         load_cases(ct_small_path(), None)
 
 
-def test_engine_without_tensorrt_exits_2_naming_the_extra(models, tmp_path) -> None:
+def test_engine_without_tensorrt_exits_3_naming_the_extra(models, tmp_path) -> None:
+    """An engine that cannot be loaded is a model/runtime failure (3), as in infer, bench, evaluate."""
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
@@ -178,5 +179,5 @@ def test_engine_without_tensorrt_exits_2_naming_the_extra(models, tmp_path) -> N
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"not an engine")
     res = CliRunner().invoke(app, ["verify", str(models["plain"]), str(engine)])
-    assert res.exit_code == 2
+    assert res.exit_code == 3
     assert "cmdeploy[trt]" in res.output

@@ -494,7 +494,11 @@ def test_report_has_no_patient_identifiers(tmp_path: Path) -> None:
     ):
         assert secret not in text, secret
     data = json.loads(text)
-    assert data["input"]["series_id"] == hash_identifier(str(src.SeriesInstanceUID))
+    # the series id is random per run: unlinkable to the UID even by someone holding the UID
+    assert data["input"]["series_id"] != hash_identifier(str(src.SeriesInstanceUID))
+    assert len(data["input"]["series_id"]) == 16
+    again = build_report(objects=[ObjectMask(0, "heart", m, pts)], series=series, model_path=model)
+    assert again["input"]["series_id"] != data["input"]["series_id"]
     assert data["model"]["sha256"] == hashlib.sha256(b"not really a model").hexdigest()
     assert data["model"]["spec"]["input_size"] == 256
     obj = data["objects"][0]

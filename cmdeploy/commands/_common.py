@@ -1,7 +1,10 @@
 """Plumbing shared by the CLI commands: consoles, errors -> exit statuses, JSON of results.
 
 Exit statuses: 1 = a check failed (parity, accuracy gate), 2 = a bad input or option
-(:class:`~cmdeploy.errors.InputError`), 3 = a model or runtime failure. rich loads inside the
+(:class:`~cmdeploy.errors.InputError`), 3 = a model or runtime failure, 130 = interrupted (SIGINT
+or SIGTERM; staged outputs and temp files are removed first, as ``infer`` does). Every message goes
+through :func:`cmdeploy.privacy.scrub` (no patient identifiers or UIDs on the terminal). Every
+command runs its body in :func:`guarded`, so none ends in a traceback. rich loads inside the
 functions, so command modules may import this one at their top without slowing ``cmdeploy --help``.
 """
 
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
 EXIT_CHECK = 1
 EXIT_INPUT = 2
 EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
 # what a command reports as "model/runtime error" (exit 3) by default
 MODEL_ERRORS: tuple[type[BaseException], ...] = (ModelError, RuntimeError, MemoryError, OSError)
 
@@ -35,9 +39,27 @@ def require(module: str, extra: str, what: str) -> None:
 
 
 def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    """Print ``error: <message>`` on stderr (plain text) and exit with ``code``."""
-    typer.echo(f"error: {message}", err=True)
+    """Print ``error: <message>`` on stderr (plain text, scrubbed) and exit with ``code``."""
+    from cmdeploy.privacy import scrub
+
+    typer.echo(f"error: {scrub(message)}", err=True)
     raise typer.Exit(code)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    """Treat SIGTERM like SIGINT (``KeyboardInterrupt``: staged outputs are discarded, temp files
+    removed) when its handler is still the default; main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def error_console() -> Console:
@@ -64,14 +86,36 @@ def exit_on_error(
     unwrapped line each, markup escaped)."""
     from rich.markup import escape
 
+    from cmdeploy.privacy import scrub
+
     try:
         yield
+    except (typer.Exit, typer.Abort):  # click's Exit is a RuntimeError: never a model error
+        raise
     except InputError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(scrub(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
     except model_errors as exc:
-        err.print(f"[red]model/runtime error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]model/runtime error:[/red] {escape(_runtime_message(exc))}", highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_MODEL) from None
+
+
+def _runtime_message(exc: BaseException) -> str:
+    """The message of a model/runtime error: cmdeploy's own (ModelError) scrubbed of identifiers,
+    an OS error as ``<reason>: '<file>'``, anything else as a scrubbed library message (quoted
+    values dropped), one line."""
+    from cmdeploy.privacy import scrub
+
+    if isinstance(exc, ModelError):
+        return scrub(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": '{exc.filename}'" if exc.filename else ""
+        return scrub(f"{exc.strerror}{where}")
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub(text, library=True)
 
 
 @contextmanager
@@ -83,6 +127,8 @@ def no_traceback(err: Console) -> Iterator[None]:
 
     from rich.markup import escape
 
+    from cmdeploy.privacy import describe_exception
+
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
@@ -91,20 +137,41 @@ def no_traceback(err: Console) -> Iterator[None]:
         if os.environ.get("CMDEPLOY_DEBUG"):
             raise
         err.print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
+            f"[red]internal error:[/red] {escape(describe_exception(exc))} "
             "(CMDEPLOY_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True,
         )
         raise typer.Exit(EXIT_MODEL) from None
 
 
+@contextmanager
+def guarded(
+    err: Console, *, model_errors: tuple[type[BaseException], ...] = MODEL_ERRORS
+) -> Iterator[None]:
+    """:func:`no_traceback` around :func:`exit_on_error`: the error plumbing of every command.
+
+    InputError -> exit 2, ``model_errors`` -> exit 3, any other exception -> one scrubbed line and
+    exit 3, Ctrl-C or SIGTERM -> ``interrupted`` and exit 130; ``typer.Exit`` (e.g. from
+    :func:`fail`) passes through.
+    """
+    try:
+        with no_traceback(err), exit_on_error(err, model_errors=model_errors):
+            yield
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
 __all__ = [
     "EXIT_CHECK",
     "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
     "EXIT_MODEL",
     "MODEL_ERRORS",
     "error_console",
     "exit_on_error",
     "fail",
+    "guarded",
+    "install_signal_handlers",
     "no_traceback",
     "require",
     "wide_console",

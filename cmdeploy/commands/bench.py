@@ -42,14 +42,18 @@ def bench(
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count model FLOPs (needs onnx)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout only."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Also write the JSON to this file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Benchmark models: p50/p95 latency, objects/s, GFLOP/s vs the machine's matmul peak."""
-    from cmdeploy.commands._common import error_console, exit_on_error, wide_console
-    from cmdeploy.errors import ModelError
+    from cmdeploy.commands._common import error_console, guarded, wide_console
     from cmdeploy.writers.report import json_default
 
     err = error_console()
-    with exit_on_error(err, model_errors=(ModelError,)):
+    with guarded(err):
+        if output is not None:
+            from cmdeploy.writers.atomic import check_output_file
+
+            check_output_file(output, overwrite=overwrite, what="--output")
         result = run_bench(
             model, backends=backend, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
             iterations=iterations, warmup=warmup, threads=threads, device=device, slice_size=slice_size,
@@ -62,12 +66,14 @@ def bench(
     if output is not None:
         from cmdeploy.writers.atomic import atomic_write_text
 
-        atomic_write_text(output, text + "\n")
+        with guarded(err):
+            atomic_write_text(output, text + "\n")
     if as_json:
         typer.echo(text)
     else:
         print_report(wide_console(), result)
     if not any(r.get("results") for r in result["models"]):
+        err.print("[red]model/runtime error:[/red] no model could be run", highlight=False)
         raise typer.Exit(3)
 
 
@@ -75,9 +81,13 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
               warmup: int, threads: int | None, device: str, slice_size: int, cm_sizes: list[int],
               peak_size: int, peak_repeats: int, flops: bool, err) -> dict[str, Any]:
     """Run every benchmark and return the JSON-ready result (see :mod:`cmdeploy.benchmarking`)."""
+    from rich.markup import escape
+
     from cmdeploy.errors import InputError, ModelError
-    from cmdeploy.evaluation import flops, timing
+    from cmdeploy.evaluation import flops as flop_count
+    from cmdeploy.evaluation import timing
     from cmdeploy.evaluation.run import model_names
+    from cmdeploy.privacy import scrub
     from cmdeploy.segmenter import BACKENDS, Segmenter
 
     for b in backends:
@@ -101,24 +111,31 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
     entries: list[dict[str, Any]] = []
     loaded: list[tuple[dict[str, Any], Any]] = []
     for name, path in zip(model_names(models), models, strict=True):
-        gflop, flop_info = None, None
-        if flops and path.suffix.lower() == ".onnx":
-            try:
-                fc = flops.count_flops(path, slice_shape=(slice_size, slice_size))
-                gflop, flop_info = fc.gflop, fc.to_dict()
-            except ImportError:
-                flop_info = {"skipped": "onnx is not installed (pip install 'cmdeploy[export]')"}
-        precision = flops.model_precision(path)
+        gflop, flop_info, unreadable = None, None, None
+        try:
+            if flops and path.suffix.lower() == ".onnx":
+                try:
+                    fc = flop_count.count_flops(path, slice_shape=(slice_size, slice_size))
+                    gflop, flop_info = fc.gflop, fc.to_dict()
+                except ImportError:
+                    flop_info = {"skipped": "onnx is not installed (pip install 'cmdeploy[export]')"}
+            precision = flop_count.model_precision(path)
+        except ModelError as exc:  # a corrupt file: reported like a model that cannot be loaded
+            precision, unreadable = "?", exc
         for backend in backends:
             entry: dict[str, Any] = {"name": name, "file": path.name, "requested_backend": backend,
                                      "precision": precision, "flops": flop_info, "results": []}
             entries.append(entry)
+            if unreadable is not None:
+                entry["error"] = scrub(unreadable)
+                err.print(f"skipping {name} ({backend}): {escape(entry['error'])}", soft_wrap=True)
+                continue
             try:
                 seg = Segmenter.load(path, backend=backend, threads=threads, batch_size=max(batch_sizes),
                                      device=device)
             except (ModelError, ImportError, RuntimeError) as exc:
-                entry["error"] = str(exc)
-                err.print(f"skipping {name} ({backend}): {exc}")
+                entry["error"] = scrub(exc)
+                err.print(f"skipping {name} ({backend}): {escape(entry['error'])}", soft_wrap=True)
                 continue
             entry.update(backend=seg.backend, fused=seg.fused, input_size=seg.spec.input_size,
                          guidance=seg.spec.guidance)
@@ -127,8 +144,8 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
                 rows = timing.bench_segmenter(seg, batch_sizes, iterations=iterations, warmup=warmup,
                                           slice_size=slice_size)
             except (ModelError, RuntimeError) as exc:
-                entry["error"] = str(exc)
-                err.print(f"failed {name} ({backend}): {exc}")
+                entry["error"] = scrub(exc)
+                err.print(f"failed {name} ({backend}): {escape(entry['error'])}", soft_wrap=True)
                 continue
             for r in rows:
                 m = r["model"]

@@ -59,10 +59,10 @@ def calibrate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Quantize a plain ONNX model to INT8 (QDQ) and keep it only if held-out Dice holds up."""
-    from cmdeploy.commands._common import error_console, exit_on_error
+    from cmdeploy.commands._common import error_console, guarded
 
     err = error_console()
-    with exit_on_error(err):
+    with guarded(err):
         passed = _calibrate(
             model=model,
             data=data,
@@ -113,10 +113,16 @@ def _calibrate(*, err, exclude_nodes: list[str], **kw) -> bool:  # noqa: ANN001,
     out: Path = kw["output"]
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--output '{out}' must end in .onnx")
-    if out.exists() and not kw["overwrite"]:
-        raise InputError(f"--output '{out}' exists; pass --overwrite to replace it")
     if out.resolve() == Path(kw["model"]).resolve():
         raise InputError("--output must differ from --model (inputs are never modified)")
+    from cmdeploy.writers.atomic import check_output_file
+
+    check_output_file(out, overwrite=kw["overwrite"], what="--output")
+    if kw["target"] == "tensorrt":  # the TensorRT 10 calibration cache written next to it
+        check_output_file(
+            out.with_name(out.name.removesuffix(".onnx") + ".calibration.cache"),
+            overwrite=kw["overwrite"], what="calibration cache",
+        )
     excluded = [n.strip() for item in exclude_nodes for n in item.split(",") if n.strip()]
     t0 = time.perf_counter()
 

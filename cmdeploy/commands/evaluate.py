@@ -81,10 +81,10 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="onnxruntime device: cpu or cuda."),
 ) -> None:
     """Segment every reference object from its extreme points and report Dice and HD95 per label."""
-    from cmdeploy.commands._common import error_console, exit_on_error
+    from cmdeploy.commands._common import error_console, guarded
 
     err = error_console()
-    with exit_on_error(err):
+    with guarded(err):
         _evaluate(
             model, data, cases=_split(cases), labels=_split(labels), reference=reference, names=names,
             jitter=jitter, seed=seed, min_size=min_size, connectivity=connectivity, by_size=by_size,

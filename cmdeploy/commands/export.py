@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from cmdeploy.commands._common import EXIT_CHECK, fail, require
+from cmdeploy.commands._common import EXIT_CHECK, EXIT_MODEL, fail, require
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_HINT = (
@@ -83,13 +83,60 @@ def export(
         help="TensorRT version of the Triton container that will serve the plan (its major.minor "
         "must equal the engine's builder's).",
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Export a checkpoint to ONNX with a built-in parity check (exit 1 when it fails), and/or build
     a TensorRT engine from it or from an existing ONNX (--onnx).
 
     Prints node count, file size and the parity numbers (plain: torch vs onnxruntime logits on real
-    preprocessed CT slices; fused: the graph vs the NumPy runtime path).
+    preprocessed CT slices; fused: the graph vs the NumPy runtime path). Existing outputs are
+    refused (exit 2) unless --overwrite, before any work.
     """
+    from cmdeploy.commands._common import error_console, guarded
+
+    with guarded(error_console()):
+        _export(**{k: v for k, v in locals().items() if k not in ("error_console", "guarded")})
+
+
+def _targets(checkpoint: Path | None, output: Path | None, fp16: bool, engine: Path | None,
+             precision: str, triton_repo: Path | None, model_name: str) -> list[Path]:
+    """Every file ``export`` writes for these options (checked before the work)."""
+    from cmdeploy.engine_sidecar import sidecar_path
+
+    paths: list[Path] = []
+    if checkpoint is not None and output is not None:
+        paths.append(output)
+        if fp16 or (engine is not None and precision == "fp16"):
+            paths.append(output.with_name(output.stem + ".fp16.onnx"))
+    if engine is not None:
+        paths += [engine, sidecar_path(engine)]
+        if checkpoint is None and precision == "fp16":
+            paths.append(engine.with_name(engine.stem + ".fp16.onnx"))
+    if triton_repo is not None:
+        paths += [triton_repo / model_name / "1" / "model.onnx", triton_repo / model_name / "config.pbtxt"]
+        if engine is not None:
+            trt = triton_repo / f"{model_name}_trt"
+            paths += [trt / "1" / "model.plan", trt / "config.pbtxt"]
+    return paths
+
+
+def _check_targets(paths: list[Path], overwrite: bool) -> None:
+    """No folder or other non-regular file at any output, no existing one unless ``overwrite``,
+    writable folders; stale temp files of killed runs removed."""
+    from cmdeploy.writers.atomic import OutputExistsError, check_output_file, existing_regular_file
+
+    found = [t for t in paths if existing_regular_file(t)]
+    if found and not overwrite:
+        raise OutputExistsError(found)
+    for t in paths:
+        check_output_file(t, overwrite=True, what="output", folder_may_be_missing=True)
+
+
+def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | None, fused: bool,
+            opset: int, fused_geometry: str | None, fp16: bool, engine: Path | None, precision: str,
+            min_batch: int, opt_batch: int, max_batch: int, slice_sizes: str | None,
+            timing_cache: Path | None, triton_repo: Path | None, model_name: str,
+            triton_tensorrt_version: str | None, overwrite: bool) -> None:
     if (checkpoint is None) == (onnx_model is None):
         fail("give exactly one of --checkpoint (export it) or --onnx (build from an existing ONNX)")
     if precision not in PRECISIONS:
@@ -111,6 +158,7 @@ def export(
             fail("--onnx needs --engine and/or --triton-repo")
     if engine is not None and engine.suffix.lower() not in (".plan", ".engine", ".trt"):
         fail(f"--engine must end in .plan, .engine or .trt, got {engine}")
+    _check_targets(_targets(checkpoint, output, fp16, engine, precision, triton_repo, model_name), overwrite)
 
     if checkpoint is not None:
         source = _export_checkpoint(checkpoint, output, fused, opset, fused_geometry)
@@ -247,8 +295,8 @@ def _build(
     except InputError as exc:
         hint = f"\n{INT8_HINT}" if precision == "int8" and graph_precision(model) != "int8" else ""
         fail(f"engine not built: {exc}{hint}")
-    except Exception as exc:  # protobuf decode errors
-        fail(f"--onnx {source}: cannot read as ONNX ({type(exc).__name__})")
+    except Exception as exc:  # protobuf decode errors: a model failure (exit 3), as in every command
+        fail(f"--onnx {source}: cannot read as ONNX ({type(exc).__name__})", code=EXIT_MODEL)
     if precision == "int8" and graph_precision(model) != "int8":
         fail(f"{source} has no QuantizeLinear nodes. {INT8_HINT}")
     if importlib.util.find_spec("tensorrt") is None:

@@ -25,6 +25,7 @@ def guidance(
     slice_index: int = typer.Option(
         None, "--slice-index", min=0, help="Slice to render (default: the first slice named in the CSV)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PNG."),
 ) -> None:
     """Draw the confidence maps of the CSV's objects on one slice: windowed CT, map overlay, points.
 
@@ -33,31 +34,37 @@ def guidance(
     """
     import numpy as np
 
-    from cmdeploy.commands._common import fail
+    from cmdeploy.commands._common import error_console, guarded
     from cmdeploy.errors import InputError
     from cmdeploy.guidance import confidence_map
     from cmdeploy.io import open_series
     from cmdeploy.points_csv import read_points_csv
+    from cmdeploy.writers.atomic import check_output_file
     from cmdeploy.writers.png_overlay import render_guidance_overlay
 
-    try:
+    err = error_console()
+    with guarded(err):
         if variant not in _VARIANTS:
             raise InputError(f"--variant must be one of {', '.join(_VARIANTS)}, got {variant!r}")
         if output.suffix.lower() != ".png":
             raise InputError(f"--output '{output}' must end in .png")
         series = open_series(input)
         rows = read_points_csv(points, series)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--output '{output}': cannot create its folder ({exc.strerror})") from None
+        check_output_file(output, overwrite=overwrite, what="--output")
         k = min(r.slice_index for r in rows) if slice_index is None else slice_index
         chosen = [r for r in rows if r.slice_index == k]
         if not chosen:
             raise InputError(f"points CSV '{points}' has no rows for slice {k}")
+        if k >= series.num_slices:
+            raise InputError(f"--slice-index {k} is outside the series (0..{series.num_slices - 1})")
         slice_hu = series.slice_hu(k)
         pts = np.stack([r.points for r in chosen]).astype(np.float64)
         maps = confidence_map(pts, slice_hu.shape, variant=variant)
-        output.parent.mkdir(parents=True, exist_ok=True)
         render_guidance_overlay(slice_hu, pts, maps, output)
-    except (InputError, ValueError, IndexError) as exc:
-        fail(str(exc))
 
     skipped = len({r.slice_index for r in rows}) - 1
     more = f"; {skipped} other slice(s) in the CSV not drawn" if skipped > 0 else ""

@@ -64,6 +64,11 @@ def infer(
     pacs_retries: int = typer.Option(
         2, "--pacs-retries", min=0, help="Retries (with back-off) after transient PACS failures."
     ),
+    allow_gaps: bool = typer.Option(
+        False, "--allow-gaps",
+        help="Accept a DICOM series with a gap in its slice positions "
+        "(slice_index counts the slices present).",
+    ),
 ) -> None:
     """Segment the objects of a points CSV (four extreme points each) on a CT series."""
     from cmdeploy.commands._common import error_console, exit_on_error, no_traceback
@@ -88,6 +93,7 @@ def infer(
                 formats=formats,
                 overwrite=overwrite,
                 series_uid=run.series_uid,
+                allow_gaps=allow_gaps,
                 err=err,
             )
             run.send(written, SEG_NAME)
@@ -155,6 +161,7 @@ def _infer(
     formats: str | None,
     overwrite: bool,
     series_uid: str | None,
+    allow_gaps: bool = False,
     err,
 ) -> list[Path]:
     """Run inference and write the outputs; returns the files written."""
@@ -178,12 +185,20 @@ def _infer(
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
 
     # 1. inputs, fully validated before anything runs
-    series = open_series(input_path, series_uid=series_uid)
+    series = open_series(input_path, series_uid=series_uid, allow_gaps=allow_gaps)
     chosen = parse_formats(formats, series.kind)
     rows = read_points_csv(points, series)
     slices = sorted({r.slice_index for r in rows})
     out = OutputDir(output, overwrite=overwrite)
     out.check(output_names(chosen, slices))
+    if overwrite:  # the folder will hold exactly this run's outputs
+        out.remove_on_commit(previous_outputs(out.target(REPORT_NAME)))
+    seg_sources = None
+    if "dicom-seg" in chosen:  # every SEG prerequisite, before the model runs
+        from cmdeploy.writers.dicom_seg import prepare_sources, segment_labels
+
+        seg_sources = prepare_sources(series)
+        _warn_seg(err, seg_sources.dropped, rows, segment_labels)
     h, w = series.shape
     err.print(
         f"input: {series.kind}, {series.num_slices} slice(s) of {h} x {w}; "
@@ -211,7 +226,7 @@ def _infer(
 
     # 4. outputs, all or nothing
     with out:
-        _write_outputs(out, chosen, series, rows, result, seg, t0, err)
+        _write_outputs(out, chosen, series, rows, result, seg, t0, err, seg_sources)
 
     total = time.perf_counter() - t0
     table = Table(title="cmdeploy infer", show_header=True)
@@ -226,11 +241,54 @@ def _infer(
         f"{result.timings.model:.2f}",
     )
     Console(highlight=False).print(table)
-    err.print(f"wrote {len(out.written)} file(s) to {output}")
+    removed = f"; removed {len(out.removed)} output(s) of the earlier run" if out.removed else ""
+    err.print(f"wrote {len(out.written)} file(s) to {output}{removed}")
     return list(out.written)
 
 
-def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> None:
+def previous_outputs(report_path: Path) -> list[str]:
+    """The output names an earlier run recorded in its ``report.json`` (empty when the file is
+    missing or not a cmdeploy report): with ``--overwrite`` these, and nothing else, may be
+    removed when this run does not write them again."""
+    import json
+
+    from cmdeploy.writers.report import REPORT_FORMAT
+
+    try:
+        if not report_path.is_file() or report_path.is_symlink():
+            return []
+        data = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        return []
+    names = data.get("outputs")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def _warn_seg(err, dropped: list[str], rows, segment_labels) -> None:
+    """Say which patient/study attributes the SEG leaves out (never their values) and which
+    segment labels are shortened."""
+    from rich.markup import escape
+
+    from cmdeploy.points_csv import base_label
+
+    if dropped:
+        err.print(
+            "[yellow]warning:[/yellow] invalid values left out of the DICOM SEG: "
+            f"{', '.join(dropped)} (values not shown)", soft_wrap=True,
+        )
+    labels = {base_label(r.label): 0 for r in rows}
+    short = {a: b for a, b in segment_labels(labels).items() if a != b}
+    if short:
+        err.print(
+            f"[yellow]warning:[/yellow] {len(short)} label(s) shortened to DICOM SEG segment labels: "
+            + "; ".join(f"{escape(a[:40])}... -> {escape(b)}" for a, b in short.items()),
+            soft_wrap=True,
+        )
+
+
+def _write_outputs(out, formats, series, rows, result, seg, t0: float, err, seg_sources=None) -> None:
     """Write the chosen formats and report.json into the staged :class:`OutputDir` ``out``.
 
     The writers receive one merged object per (slice, base label) (the pipeline's label maps);
@@ -262,7 +320,7 @@ def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> N
             from cmdeploy.writers.dicom_seg import write_dicom_seg
 
             with out.stage(SEG_NAME) as tmp:
-                write_dicom_seg(tmp, series, objects, values=values)
+                write_dicom_seg(tmp, series, objects, values=values, source_datasets=seg_sources)
         timings = {**result.timings.to_dict(), "command_total": time.perf_counter() - t0}
         report = build_report(
             objects=objects,
@@ -286,4 +344,6 @@ def _write_outputs(out, formats, series, rows, result, seg, t0: float, err) -> N
     except ValueError as exc:
         if isinstance(exc, InputError):
             raise
-        raise InputError(f"cannot write outputs: {exc}") from exc
+        from cmdeploy.privacy import describe_exception
+
+        raise InputError(f"cannot write outputs: {describe_exception(exc)}") from None

@@ -35,17 +35,17 @@ def points_from_labels(
         3.0, "--click-jitter-mm", min=0.0, help="With --simulate: radius of the hand error, mm."
     ),
     seed: int = typer.Option(0, "--seed", help="With --simulate: seed of the simulated clicks."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing points CSV."),
 ) -> None:
     """Write the four extreme points of every connected object on every axial slice.
 
     One row per object per slice; a label's extra pieces on a slice are named NAME#2, NAME#3, ...
     With --simulate each point is a simulated person's click (see cmdeploy.annotator).
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from cmdeploy.annotator import ClickModel
-    from cmdeploy.commands._common import exit_on_error
+    from cmdeploy.commands._common import error_console, guarded
     from cmdeploy.errors import InputError
     from cmdeploy.io.cases import load_label_names
     from cmdeploy.labels_to_points import (
@@ -54,14 +54,16 @@ def points_from_labels(
         resolve_label_ids,
     )
     from cmdeploy.points_csv import base_label, write_points_csv
+    from cmdeploy.writers.atomic import check_output_file
 
-    err = Console(stderr=True)
-    with exit_on_error(err, model_errors=()):
+    err = error_console()
+    with guarded(err, model_errors=(OSError, MemoryError)):
         if connectivity not in (4, 8):
             raise InputError(f"--connectivity must be 4 or 8, got {connectivity}")
         name_map = load_label_names(names) if names is not None else None
         ids = resolve_label_ids(only.split(","), name_map) if only else None
         volume = open_label_volume(labels)
+        check_output_file(output, overwrite=overwrite, what="--output")
         with Progress(
             TextColumn("[bold]extreme points"), BarColumn(), MofNCompleteColumn(),
             console=err, transient=True,
@@ -78,7 +80,7 @@ def points_from_labels(
                 f"'{labels}': no object of >= {min_size} pixels found"
                 + (" for the selected labels" if ids else "")
             )
-        write_points_csv(output, rows)
+        write_points_csv(output, rows, overwrite=overwrite)
     n_slices = len({r.slice_index for r in rows})
     n_labels = len({base_label(r.label) for r in rows})
     err.print(

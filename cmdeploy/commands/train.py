@@ -62,12 +62,27 @@ def train(
         "resampling; the robust recipe) or 'exact' (extreme pixels with a small jitter).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite",
+        help="Replace best.pt/last.pt of an earlier run in --out (--resume continues one).",
+    ),
 ) -> None:
     """Train a model from NIfTI image/label cases; writes best.pt and last.pt to --out."""
+    from cmdeploy.commands._common import error_console, guarded
+
+    with guarded(error_console()):
+        _train(**{k: v for k, v in locals().items() if k not in ("error_console", "guarded")})
+
+
+def _train(*, data: list[Path], guidance: str, config: str, epochs: int, batch_size: int, lr: float,
+           seed: int, out: Path, train_cases: str | None, val_cases: str | None,
+           samples_per_epoch: int | None, val_samples: int | None, resume: Path | None,
+           init: Path | None, freeze_backbone: bool, base_width: int | None, input_size: int | None,
+           threads: int | None, workers: int, device: str, val_every: int, no_validation: bool,
+           recipe_checkpoint: Path | None, clicks: str, progress: bool, overwrite: bool) -> None:
     from cmdeploy.commands._common import fail, require
 
     require("torch", "train", "training")
-    from cmdeploy.errors import InputError
     from cmdeploy.spec import GUIDANCE_MODES
     from cmdeploy.train.augment import ROBUST_AUGMENT, AugmentConfig
     from cmdeploy.train.loop import TrainConfig, format_metrics, run_training
@@ -96,6 +111,16 @@ def train(
         fail(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
     if no_validation and val_cases:
         fail("--no-validation and --val-cases exclude each other")
+    from cmdeploy.writers.atomic import OutputExistsError, check_output_file, existing_regular_file
+
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        fail(f"--out '{out}' exists and is not a folder")
+    targets = [out / "best.pt", out / "last.pt"]
+    found = [t for t in targets if existing_regular_file(t, "--out")]
+    if found and not overwrite and resume is None:
+        raise OutputExistsError(found)
+    for t in targets:
+        check_output_file(t, overwrite=True, what="--out", folder_may_be_missing=True)
     cfg = TrainConfig(
         data=[str(d) for d in data],
         augment=ROBUST_AUGMENT if clicks == "annotator" else AugmentConfig(),
@@ -124,10 +149,7 @@ def train(
         progress=progress,
         command="cmdeploy " + shlex.join(sys.argv[1:]),
     )
-    try:
-        result = run_training(cfg)
-    except InputError as exc:
-        fail(str(exc))
+    result = run_training(cfg)
     if result.best_path is not None:
         m = result.best_metrics
         if "validated_by" in m:

@@ -43,42 +43,48 @@ def verify(
     """Run MODEL_A and MODEL_B on the same preprocessed slices and compare their probabilities.
 
     Prints max/mean |dprobability| and the mask agreement on each object's crop footprint; exits
-    1 when beyond --atol or --min-mask-agreement, 2 on a bad input or model.
+    1 when beyond --atol or --min-mask-agreement, 2 on a bad input, 3 when a model cannot be
+    loaded or run (as every command).
 
     With --target tensorrt and one model: the TensorRT-compatibility lint; exits 1 when the model
     has errors (each says what to do), 0 when TensorRT's parser and builder should take it.
     """
-    from cmdeploy.commands._common import EXIT_CHECK, fail
+    from cmdeploy.commands._common import EXIT_CHECK, error_console, guarded
     from cmdeploy.errors import InputError, ModelError
+    from cmdeploy.privacy import describe_exception
 
-    if target is not None:
-        if target not in TARGETS:
-            fail(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
-        if model_b is not None:
-            fail("--target lints one model; give only MODEL_A")
-        _lint(model_a, (min_batch, opt_batch, max_batch), slice_sizes)
-        return
-    if model_b is None:
-        fail("give two models to compare, or --target tensorrt to lint one")
-    from cmdeploy.export.verify import load_cases, verify_models
+    err = error_console()
+    with guarded(err):
+        if target is not None:
+            if target not in TARGETS:
+                raise InputError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+            if model_b is not None:
+                raise InputError("--target lints one model; give only MODEL_A")
+            _lint(model_a, (min_batch, opt_batch, max_batch), slice_sizes)
+            return
+        if model_b is None:
+            raise InputError("give two models to compare, or --target tensorrt to lint one")
+        from cmdeploy.export.verify import load_cases, verify_models
 
-    for p in (model_a, model_b):
-        if not p.is_file():
-            fail(f"model {p} not found")
-    try:
-        cases = load_cases(input, points)
-        result = verify_models(
-            model_a, model_b, cases, atol=atol, min_mask_agreement=min_mask_agreement, threads=threads
-        )
-    except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
+        for p in (model_a, model_b):
+            if not p.is_file():
+                raise InputError(f"model {p} not found")
+        try:
+            cases = load_cases(input, points)
+            result = verify_models(
+                model_a, model_b, cases, atol=atol, min_mask_agreement=min_mask_agreement, threads=threads
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            if isinstance(exc, (InputError, ModelError)):
+                raise
+            raise InputError(describe_exception(exc)) from None
     typer.echo(result.summary())
     if not result.ok:
         raise typer.Exit(EXIT_CHECK)
 
 
 def _lint(model: Path, batches: tuple[int, int, int], slice_sizes: str | None) -> None:
-    from cmdeploy.commands._common import EXIT_CHECK, fail, require
+    from cmdeploy.commands._common import EXIT_CHECK, EXIT_MODEL, fail, require
     from cmdeploy.commands.export import parse_slice_sizes
     from cmdeploy.errors import InputError
 
@@ -97,8 +103,8 @@ def _lint(model: Path, batches: tuple[int, int, int], slice_sizes: str | None) -
         shapes = onnx_input_shapes(onnx.load(str(model), load_external_data=False))
     except FileNotFoundError:
         fail(f"model {model} not found")
-    except Exception as exc:  # protobuf decode errors
-        fail(f"{model}: cannot read as ONNX ({type(exc).__name__})")
+    except Exception as exc:  # protobuf decode errors: a model failure, exit 3 as in every command
+        fail(f"{model}: cannot read as ONNX ({type(exc).__name__})", code=EXIT_MODEL)
     try:
         profiles = profile_shapes(shapes, *batches, axis_ranges=ranges)
     except InputError as exc:  # lint the rest with the default profile; report this as an error

@@ -100,6 +100,19 @@ COUNTED_OPS = ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", 
                "QLinearMatMul", "Gemm")
 
 
+def _load_onnx(path: str | Path) -> Any:
+    """``onnx.load`` (no external data) with a :class:`ModelError` for a file that is not ONNX, so a
+    corrupt model is a model failure (exit 3) in every command, not a protobuf traceback."""
+    import onnx
+
+    from cmdeploy.errors import ModelError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise ModelError(f"'{path}': cannot read as ONNX ({type(exc).__name__})") from None
+
+
 def count_flops(
     model_path: str | Path, *, batch: int = 1, slice_shape: tuple[int, int] = (512, 512)
 ) -> FlopCount:
@@ -108,10 +121,9 @@ def count_flops(
     ``slice_shape`` (H, W) fills symbolic spatial input dimensions (fused models). Raises
     ``ImportError`` when ``onnx`` is not installed.
     """
-    import onnx
     from onnx import shape_inference
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _load_onnx(model_path)
     _fix_input_dims(model, batch, slice_shape)
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
@@ -153,7 +165,7 @@ def model_precision(model_path: str | Path) -> str:
         import onnx
     except ImportError:
         return _precision_without_onnx(p)
-    model = onnx.load(str(p), load_external_data=False)
+    model = _load_onnx(p)
     meta = {m.key: m.value for m in model.metadata_props}
     if any(n.op_type in QDQ_OPS for n in model.graph.node):
         return "int8"

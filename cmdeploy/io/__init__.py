@@ -25,19 +25,20 @@ __all__ = [
 ]
 
 
-def open_series(path: str | Path, *, series_uid: str | None = None) -> Series:
+def open_series(path: str | Path, *, series_uid: str | None = None, allow_gaps: bool = False) -> Series:
     """Open a CT input as a lazily read :class:`Series`.
 
     ``path`` is a folder (a DICOM series, scanned recursively), a ``.nii``/``.nii.gz`` NIfTI, a
     16-bit ``.png`` (HU + 1024), a ``.npy`` of HU, or any other file read as one DICOM slice.
-    ``series_uid`` picks one series when a folder holds several (DICOM only).
+    ``series_uid`` picks one series when a folder holds several (DICOM only); ``allow_gaps``
+    accepts a DICOM series with a gap in its slice positions (refused by default).
     Raises :class:`~cmdeploy.errors.InputError` naming the file and the problem.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"input '{p}' does not exist")
     if p.is_dir():
-        return read_dicom_series(p, series_uid=series_uid)
+        return read_dicom_series(p, series_uid=series_uid, allow_gaps=allow_gaps)
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz", ".png", ".npy")) and series_uid is not None:
         raise InputError(f"'{p}': series_uid applies to DICOM inputs only")

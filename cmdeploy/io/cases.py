@@ -70,8 +70,11 @@ class Case:
 
 def load_label_names(path: str | Path) -> dict[int, str]:
     """Read a JSON object mapping label id (number or numeric string) -> name; :class:`InputError`
-    when it is unreadable, not an object, has a non-integer key, or a name that is empty or has '#'
-    (the piece suffix of :func:`cmdeploy.points_csv.base_label`)."""
+    when it is unreadable, not an object, has a non-integer key, or a name that is empty, has '#'
+    (the piece suffix of :func:`cmdeploy.points_csv.base_label`) or control characters/line breaks
+    (:func:`cmdeploy.points_csv.label_problem`: the points CSV refuses them)."""
+    from cmdeploy.points_csv import label_problem
+
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -89,6 +92,9 @@ def load_label_names(path: str | Path) -> dict[int, str]:
             raise InputError(
                 f"label names '{p}': name for id {lid} must be non-empty text without '#'"
             )
+        problem = label_problem(value)
+        if problem:
+            raise InputError(f"label names '{p}': name for id {lid}: {problem}")
         out[lid] = value.strip()
     return out
 

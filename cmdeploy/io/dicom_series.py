@@ -10,7 +10,13 @@ ignored; the rest are grouped by SeriesInstanceUID. The slices of the chosen ser
 Refused, with the file named: a Modality other than CT, no pixel data, multi-frame or colour
 images, Rows/Columns/PixelSpacing/ImageOrientationPatient that differ between slices, two slices
 at the same position, and compressed pixel data whose decoder is not installed (the message names
-the ``dicom`` extra). Headers are read with large values deferred, and pixels one file at a time
+the ``dicom`` extra). A file that looks like DICOM (the ``DICM`` marker) but cannot be parsed, or
+whose data ends early (truncated: pixel data cut short, or no SeriesInstanceUID/Modality/pixels
+left), is a named error, never silently skipped: a dropped slice would shift every
+``slice_index`` after it. For the same reason a gap in the slice positions (a step more than 1.5
+times the usual spacing) is refused, naming the two positions and files around it, unless
+``allow_gaps`` (``--allow-gaps``) is given; slice indices then count the files present.
+Headers are read with large values deferred, and pixels one file at a time
 when a slice is asked for. Messages never contain patient names, IDs or UIDs.
 """
 
@@ -34,6 +40,16 @@ _IGNORED_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "PR", "KO", "REG"})
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _DUPLICATE_TOL_MM = 1e-3
 _ORIENTATION_TOL = 1e-4
+_GAP_FACTOR = 1.5  # a step this many times the median spacing means a missing slice
+_GAP_TOL_MM = 0.05
+# header values registered with the scrubber so no message or log record can show them
+_IDENTIFYING = (
+    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "SeriesDate", "AcquisitionDate",
+    "ContentDate", "ReferringPhysicianName", "InstitutionName", "PatientAddress",
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "SOPClassUID",
+    "MediaStorageSOPInstanceUID",
+)
 
 
 @dataclass(frozen=True)
@@ -87,21 +103,69 @@ def _floats(value: object, n: int) -> np.ndarray | None:
     return arr
 
 
+def _has_dicm_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _register(ds: object) -> None:
+    """Hand the identifying values of a header to the scrubber (cmdeploy.privacy)."""
+    from cmdeploy.privacy import register_identifiers
+
+    values = []
+    for kw in _IDENTIFYING:
+        try:
+            v = ds.get(kw)  # type: ignore[attr-defined]
+            if v is None:
+                meta = getattr(ds, "file_meta", None)
+                v = meta.get(kw) if meta is not None else None
+        except Exception:
+            continue
+        if v is not None:
+            values.extend(v if isinstance(v, (list, tuple)) else [v])
+    register_identifiers(values)
+
+
+def _truncated(path: Path, ds: object) -> bool:
+    """True when the file's pixel data ends after the end of the file (a cut-off download/copy)."""
+    try:
+        elem = ds.get_item(0x7FE00010)  # type: ignore[attr-defined]
+        length, tell = int(elem.length), getattr(elem, "value_tell", None)
+    except Exception:
+        return False
+    if tell is None or length == 0xFFFFFFFF:
+        return False
+    return int(tell) + length > path.stat().st_size
+
+
 @_quiet_pydicom()
 def _read_header(path: Path) -> _Header:
-    """Parse one file's header; pydicom's InvalidDicomError passes through (not DICOM)."""
+    """Parse one file's header; pydicom's InvalidDicomError passes through (not DICOM) unless the
+    file carries the DICM marker (then it is DICOM that cannot be parsed: a named InputError)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, defer_size="1 KB")
     except InvalidDicomError:
+        if _has_dicm_marker(path):
+            raise InputError(
+                f"'{path}': looks like DICOM (DICM marker) but cannot be parsed; corrupt or "
+                "truncated file"
+            ) from None
         raise
     except Exception as exc:  # corrupt file: pydicom raises many kinds
         raise InputError(
             f"'{path}': cannot read the DICOM header (corrupt or truncated file; "
             f"{type(exc).__name__})"
         ) from None
+    _register(ds)
+    if _truncated(path, ds):
+        raise InputError(f"'{path}': truncated DICOM file (its pixel data ends after the end of the file)")
     try:
         meta = getattr(ds, "file_meta", None)
         media_sop = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
@@ -296,6 +360,11 @@ def _scan_folder(folder: Path) -> tuple[list[_Header], int]:
         if h.is_dicomdir or h.modality in _IGNORED_MODALITIES:
             skipped += 1
             continue
+        if not h.has_pixels and (not h.series_uid or h.modality in ("", "?")):
+            raise InputError(
+                f"'{f}': incomplete DICOM file (no pixel data, no SeriesInstanceUID or Modality); "
+                "truncated? Restore the file or move it out of the folder"
+            )
         headers.append(h)
     return headers, skipped
 
@@ -350,7 +419,28 @@ def _check_consistent(members: list[_Header]) -> None:
             )
 
 
-def _sort_by_normal(members: list[_Header]) -> list[_Header]:
+def _check_gaps(ordered: list[_Header], dist: np.ndarray) -> None:
+    """Refuse a step between neighbouring slices of more than 1.5 times the median step."""
+    if len(ordered) < 3:
+        return
+    steps = np.diff(dist)
+    usual = float(np.median(steps))
+    big = np.nonzero(steps > _GAP_FACTOR * usual + _GAP_TOL_MM)[0]
+    if big.size == 0:
+        return
+    i = int(big[0])
+    a, b = ordered[i], ordered[i + 1]
+    missing = max(int(round(steps[i] / usual)) - 1, 1) if usual > 0 else 1
+    raise InputError(
+        f"gap in the slice positions: {dist[i]:.2f} mm ('{a.path}') to {dist[i + 1]:.2f} mm "
+        f"('{b.path}') is {steps[i]:.2f} mm, the usual spacing is {usual:.2f} mm "
+        f"(about {missing} slice(s) missing{f'; {big.size} gaps in all' if big.size > 1 else ''}). "
+        "slice_index would skip the missing slice(s); restore them, or pass --allow-gaps "
+        "(allow_gaps=True) to number the slices present"
+    )
+
+
+def _sort_by_normal(members: list[_Header], *, allow_gaps: bool = False) -> list[_Header]:
     for h in members:
         if h.position is None or h.orientation is None:
             raise InputError(
@@ -374,14 +464,20 @@ def _sort_by_normal(members: list[_Header]) -> list[_Header]:
             f"'{a.path}' and '{b.path}' lie at the same position along the slice normal "
             f"({dist[order[dup[0]]]:.3f} mm); duplicate slices in one series"
         )
-    return [members[i] for i in order]
+    ordered = [members[i] for i in order]
+    if not allow_gaps:
+        _check_gaps(ordered, dist[order])
+    return ordered
 
 
-def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> Series:
+def read_dicom_series(
+    folder: str | Path, *, series_uid: str | None = None, allow_gaps: bool = False
+) -> Series:
     """Open the CT series in ``folder`` (scanned recursively) as a Series (kind "dicom-series").
 
     Several series in the folder: pass ``series_uid`` to pick one (otherwise InputError lists them
-    by file count, modality and an example file name). Slices are sorted along the slice normal.
+    by file count, modality and an example file name). Slices are sorted along the slice normal;
+    a gap in their positions is refused unless ``allow_gaps``.
     """
     p = Path(folder)
     headers, skipped = _scan_folder(p)
@@ -394,7 +490,7 @@ def read_dicom_series(folder: str | Path, *, series_uid: str | None = None) -> S
     for h in members:
         _check_image(h)
     if len(members) > 1:
-        members = _sort_by_normal(members)
+        members = _sort_by_normal(members, allow_gaps=allow_gaps)
     ref = members[0]
     files = tuple(h.path for h in members)
     positions = (

@@ -20,6 +20,11 @@ Modules (import the one you need; the heavy optional libraries load inside the f
 
 Label values: distinct labels are numbered 1, 2, ... in order of first appearance
 (:func:`label_values`); the same numbers are the NIfTI voxel values and the DICOM segment numbers.
+
+Memory: writers hold each object's mask cut to its bounding box (:class:`MaskCrop`, from
+:func:`check_objects`), never a full-slice mask per object; an object that offers ``mask_crop()``
+(the pipeline's merged objects do) is never expanded to its full slice at all. A 4096 x 4096 slice
+costs 16 MB per full bool mask; a crop costs its box.
 """
 
 from __future__ import annotations
@@ -56,6 +61,46 @@ class ObjectMask:
     points: np.ndarray | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class MaskCrop:
+    """An object's mask cut to its bounding box.
+
+    ``crop`` is bool (h, w), ``[y, x]``, and covers slice rows ``y0 .. y0 + h - 1`` and columns
+    ``x0 .. x0 + w - 1``; everything outside is background. An empty mask has an empty crop.
+    """
+
+    crop: np.ndarray
+    y0: int
+    x0: int
+
+    @property
+    def window(self) -> tuple[slice, slice]:
+        """``(rows, columns)`` of the crop in the slice: ``full[window] == crop``."""
+        h, w = self.crop.shape
+        return slice(self.y0, self.y0 + h), slice(self.x0, self.x0 + w)
+
+    @property
+    def area(self) -> int:
+        """Foreground pixels."""
+        return int(np.count_nonzero(self.crop))
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The bool (H, W) slice mask (allocates H x W)."""
+        out = np.zeros(shape, dtype=bool)
+        out[self.window] = self.crop
+        return out
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> MaskCrop:
+        """Crop a bool (H, W) mask to its bounding box."""
+        m = np.asarray(mask, dtype=bool)
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        if rows.size == 0:
+            return cls(np.zeros((0, 0), dtype=bool), 0, 0)
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return cls(m[y0:y1, x0:x1].copy(), y0, x0)
+
+
 def object_points(obj: Any) -> np.ndarray | None:
     """The object's (4, 2) float64 extreme points ``(x, y)``, or None when it has none."""
     pts = getattr(obj, "points", None)
@@ -67,16 +112,34 @@ def object_points(obj: Any) -> np.ndarray | None:
     return arr
 
 
+def object_crop(obj: Any, shape: tuple[int, int], *, what: str = "object") -> MaskCrop:
+    """``obj``'s mask as a :class:`MaskCrop`: from ``obj.mask_crop()`` when it has one (no
+    full-slice array), else cropped from ``obj.mask``; ``ValueError`` when it does not fit
+    ``shape`` = (H, W)."""
+    h, w = (int(shape[0]), int(shape[1]))
+    make = getattr(obj, "mask_crop", None)
+    if callable(make):
+        mc = make()
+        ch, cw = mc.crop.shape
+        if mc.y0 < 0 or mc.x0 < 0 or mc.y0 + ch > h or mc.x0 + cw > w:
+            raise ValueError(f"{what}: mask crop lies outside the {h} x {w} slice")
+        return mc
+    mask = np.asarray(obj.mask)
+    if mask.shape != (h, w):
+        raise ValueError(f"{what}: mask shape {mask.shape} != slice shape {(h, w)} (H, W)")
+    return MaskCrop.from_mask(mask)
+
+
 def check_objects(
     objects: Sequence[SegmentedObject], num_slices: int | None, shape: tuple[int, int]
-) -> list[np.ndarray]:
+) -> list[MaskCrop]:
     """Validate objects against a Series of ``num_slices`` slices of ``shape`` = (H, W).
 
     ``num_slices`` None skips the slice-index check (objects of one slice).
-    Returns the masks as bool arrays. Raises ``ValueError`` naming the first bad object (its
-    position in ``objects``, slice index and label).
+    Returns each object's mask cut to its bounding box (:class:`MaskCrop`). Raises ``ValueError``
+    naming the first bad object (its position in ``objects``, slice index and label).
     """
-    masks = []
+    crops = []
     for i, obj in enumerate(objects):
         k = int(obj.slice_index)
         what = f"object {i} (slice {k}, label {str(obj.label)!r})"
@@ -84,11 +147,8 @@ def check_objects(
             raise ValueError(f"{what}: slice index outside 0..{num_slices - 1}")
         if not str(obj.label).strip():
             raise ValueError(f"{what}: empty label")
-        mask = np.asarray(obj.mask)
-        if mask.shape != tuple(shape):
-            raise ValueError(f"{what}: mask shape {mask.shape} != slice shape {tuple(shape)} (H, W)")
-        masks.append(mask.astype(bool, copy=False))
-    return masks
+        crops.append(object_crop(obj, shape, what=what))
+    return crops
 
 
 def label_values(objects: Iterable[SegmentedObject]) -> dict[str, int]:
@@ -122,11 +182,13 @@ def overlay_name(slice_index: int) -> str:
 
 
 __all__ = [
+    "MaskCrop",
     "ObjectMask",
     "SegmentedObject",
     "check_objects",
     "label_dtype",
     "label_values",
+    "object_crop",
     "object_points",
     "objects_by_slice",
     "overlay_name",

@@ -181,11 +181,11 @@ def label_volume(
     values = dict(values) if values is not None else label_values(objects)
     h, w = shape
     vol = np.zeros((w, h, num_slices), dtype=label_dtype(max(values.values(), default=0)))
-    for obj, mask in zip(objects, masks, strict=True):
+    for obj, mc in zip(objects, masks, strict=True):
         label = str(obj.label)
         if label not in values:
             raise ValueError(f"label {label!r} has no value in `values`")
-        vol[:, :, int(obj.slice_index)].T[mask] = values[label]  # .T of a view is a view
+        vol[:, :, int(obj.slice_index)].T[mc.window][mc.crop] = values[label]  # views all the way
     return vol
 
 

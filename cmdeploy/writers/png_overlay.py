@@ -149,12 +149,13 @@ def render_overlay(
     values = dict(values) if values is not None else label_values(objects)
     rgb = _gray_rgb(arr, resolve_window(window, spec))
     a = np.float32(alpha)
-    for obj, mask in zip(objects, masks, strict=True):
+    for obj, mc in zip(objects, masks, strict=True):
         if str(obj.label) not in values:
             raise ValueError(f"label {str(obj.label)!r} has no value in `values`")
         color = np.asarray(color_for_value(values[str(obj.label)]), dtype=np.float32)
-        rgb[mask] = rgb[mask] * (1 - a) + color * a
-        rgb[mask_contour(mask, contour_width)] = color
+        sub, crop = rgb[mc.window], mc.crop  # the crop is the mask's bounding box: its edge is contour
+        sub[crop] = sub[crop] * (1 - a) + color * a
+        sub[mask_contour(crop, contour_width)] = color
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
     rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
@@ -162,7 +163,7 @@ def render_overlay(
     if draw_points or draw_labels:
         draw = ImageDraw.Draw(img)
         r = _marker_radius((h * scale, w * scale))
-        for obj, mask in zip(objects, masks, strict=True):
+        for obj, mc in zip(objects, masks, strict=True):
             color = color_for_value(values[str(obj.label)])
             pts = object_points(obj)
             if pts is not None:  # pixel centre (x, y) -> centre of its enlarged block
@@ -173,10 +174,9 @@ def render_overlay(
                 if pts is not None:
                     anchor = (float(pts[:, 0].min()), float(pts[:, 1].min()))
                 else:
-                    ys, xs = np.nonzero(mask)
-                    if xs.size == 0:
+                    if mc.crop.size == 0 or not mc.crop.any():
                         continue
-                    anchor = (float(xs.min()) * scale, float(ys.min()) * scale)
+                    anchor = (float(mc.x0) * scale, float(mc.y0) * scale)
                 draw.text((anchor[0], max(anchor[1] - 12 - r, 0)), str(obj.label), fill=color)
     return np.asarray(img, dtype=np.uint8)
 

@@ -2,9 +2,10 @@
 
 Contents (:func:`build_report`): cmdeploy/Python/NumPy/onnxruntime versions, the model (path,
 sha256, spec), backend, input description (kind, slice count, slice shape ``[H, W]``, pixel spacing
-``[sx, sy]`` mm; DICOM series are identified only by :func:`hash_identifier` of their
-SeriesInstanceUID), the label -> value map, one entry per object (label, slice index, area in
-pixels and mm², extreme points ``[x, y]``), a timings dict (seconds) and the output file names.
+``[sx, sy]`` mm; a DICOM series gets a ``series_id`` drawn at random for each run, so a report
+cannot be linked to the SeriesInstanceUID by anyone, even holding the UID), the label -> value
+map, one entry per object (label, slice index, area in pixels and mm², extreme points ``[x, y]``),
+a timings dict (seconds) and the output file names.
 
 Never written: patient names or IDs, DICOM UIDs, input paths (folder names often carry patient
 names), dates from the input. :func:`validate_report` checks the structure and that none of the
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import platform
+import secrets
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -72,8 +74,17 @@ _OBJECT_KEYS = ("label", "label_value", "slice_index", "area_px", "area_mm2", "p
 
 
 def hash_identifier(value: str) -> str:
-    """A short one-way pseudonym (16 hex digits of a salted SHA-256) for a UID."""
+    """16 hex digits of SHA-256 of ``"cmdeploy-id:" + value``.
+
+    Not used in reports: the salt is public, so anyone holding the UID can recompute it and link
+    the report to the series. Reports use :func:`random_series_id`.
+    """
     return hashlib.sha256(f"cmdeploy-id:{value}".encode()).hexdigest()[:16]
+
+
+def random_series_id() -> str:
+    """A fresh random id (16 hex digits) naming the input series within one run's report."""
+    return secrets.token_hex(8)
 
 
 def _package_version(name: str) -> str | None:
@@ -94,13 +105,14 @@ def environment_versions() -> dict[str, str | None]:
 
 
 def describe_input(series: Series) -> dict[str, Any]:
-    """Kind, slice count, ``[H, W]``, ``[sx, sy]`` mm and a hashed series id; no path, no UIDs."""
+    """Kind, slice count, ``[H, W]``, ``[sx, sy]`` mm and a random per-run series id (DICOM); no
+    path, no UIDs."""
     return {
         "kind": series.kind,
         "num_slices": int(series.num_slices),
         "shape_hw": [int(series.shape[0]), int(series.shape[1])],
         "spacing_xy_mm": None if series.spacing_xy_mm is None else [float(s) for s in series.spacing_xy_mm],
-        "series_id": None if not series.series_uid else hash_identifier(series.series_uid),
+        "series_id": random_series_id() if series.kind.startswith("dicom") else None,
     }
 
 
@@ -115,7 +127,8 @@ def describe_objects(
     for obj in objects:
         if str(obj.label) not in values:
             raise ValueError(f"label {str(obj.label)!r} has no value in `values`")
-        area = int(np.count_nonzero(obj.mask))
+        make = getattr(obj, "mask_crop", None)
+        area = make().area if callable(make) else int(np.count_nonzero(obj.mask))
         pts = object_points(obj)
         rows.append(
             {
