@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,dev
+EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,serve,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test lint bench model table1 clean
+.PHONY: install demo serve test lint bench model table1 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ demo: $(STAMP)
 		--points examples/ct_small_points.csv \
 		--output $(DEMO_OUT) --overwrite
 	@echo "demo outputs in $(DEMO_OUT)/"
+
+## serve: annotate in the browser (http://127.0.0.1:8765/) on the shared CT volumes, or on pydicom's
+## CT slice without them; INT8 model, exports to out/annotations/
+serve: $(STAMP)
+	@if [ -d "$(DATA)" ]; then d="$(DATA)"; else \
+	  d="$$($(BIN)/python -c 'from pydicom.data import get_testdata_file; print(get_testdata_file("CT_small.dcm"))')"; fi; \
+	$(BIN)/cmdeploy serve --data "$$d" --model cmdeploy/models/cmdeploy-default.int8.onnx --output out/annotations
 
 ## test: lint, then the test suite (slow tests excluded; data tests skip without ../shared)
 test: $(STAMP)

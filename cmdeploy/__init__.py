@@ -21,6 +21,7 @@ _EXPORTS = {
     "confidence_map": "cmdeploy.guidance",
     "gaussian_heatmap": "cmdeploy.guidance",
     "extreme_points": "cmdeploy.guidance",
+    "sort_extreme_points": "cmdeploy.guidance",
 }
 
 __all__ = [
@@ -30,10 +31,11 @@ __all__ = [
     "confidence_map",
     "extreme_points",
     "gaussian_heatmap",
+    "sort_extreme_points",
 ]
 
 if TYPE_CHECKING:
-    from cmdeploy.guidance import confidence_map, extreme_points, gaussian_heatmap
+    from cmdeploy.guidance import confidence_map, extreme_points, gaussian_heatmap, sort_extreme_points
     from cmdeploy.segmenter import Segmenter
     from cmdeploy.spec import ModelSpec
 

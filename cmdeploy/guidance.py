@@ -28,6 +28,7 @@ Other variants (keyword ``variant``):
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -38,6 +39,8 @@ VARIANTS: tuple[str, ...] = ("paper", "authors", "chebyshev", "mahalanobis")
 _PARALLEL_EPS = 1e-6  # |sin(angle)| below which the two lines count as parallel
 _MIN_SIGMA = 1.0  # pixels
 _TIE_EPS = 1e-3  # pixels: positions this close to c along a segment count as level with c
+# every assignment of four clicks to (left, right, top, bottom): (24, 4) indices into the clicks
+_ROLE_PERMUTATIONS = np.array(list(itertools.permutations(range(4))), dtype=np.intp)
 
 
 def validate_points(points: np.ndarray | list, *, name: str = "points") -> np.ndarray:
@@ -259,3 +262,30 @@ def extreme_points(
         if pts[2, 1] > pts[3, 1]:
             pts[[2, 3]] = pts[[3, 2]]
     return pts.astype(np.float32)
+
+
+def sort_extreme_points(clicks: np.ndarray | list) -> np.ndarray:
+    """Four clicked points in any order -> float32 (4, 2) in the order left, right, top, bottom.
+
+    The one rule used everywhere (the browser server, the CVAT contract): among the 24 ways to
+    give the clicks the roles left, right, top, bottom, take the one with the largest
+    ``(right_x - left_x) + (bottom_y - top_y)``; ties (a click that is both left-most and
+    top-most, say) go to the longer segments ``|right - left|^2 + |bottom - top|^2``, then to the
+    lexicographically smallest ``(left, right, top, bottom)`` coordinates. The true extreme points
+    of an object always maximise the first key (left/right hold the smallest and largest x of all
+    four, top/bottom the smallest and largest y), the result never depends on the click order,
+    and it always passes :func:`validate_points`' order check. Points are ``(x, y)``, x = column,
+    y = row; ``ValueError`` for anything but four finite points.
+    """
+    pts = np.asarray(clicks, dtype=np.float64)
+    if pts.shape != (4, 2):
+        raise ValueError(f"need exactly four clicked points (x, y), got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError("clicked points contain NaN or inf")
+    cand = pts[_ROLE_PERMUTATIONS]  # (24, 4, 2): left, right, top, bottom
+    spread = (cand[:, 1, 0] - cand[:, 0, 0]) + (cand[:, 3, 1] - cand[:, 2, 1])
+    length = ((cand[:, 1] - cand[:, 0]) ** 2).sum(-1) + ((cand[:, 3] - cand[:, 2]) ** 2).sum(-1)
+    flat = cand.reshape(24, 8)
+    # np.lexsort: the last key is the primary one
+    order = np.lexsort((*flat.T[::-1], -length, -spread))
+    return cand[order[0]].astype(np.float32)
