@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,dev
+EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,triton,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 

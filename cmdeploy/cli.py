@@ -32,6 +32,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("points-from-labels", "points_from_labels", "points_from_labels"),
     ("evaluate", "evaluate", "evaluate"),
     ("bench", "bench", "bench"),
+    ("triton", "triton", "triton"),
 ]
 
 
