@@ -107,7 +107,8 @@ class Server:
 
     def ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/models/cmdeploy/ready", timeout=1) as r:
+            url = f"http://127.0.0.1:{self.http}/v2/models/cmdeploy/ready"
+            with urllib.request.urlopen(url, timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False

@@ -27,6 +27,7 @@ from cmdeploy.spec import METADATA_KEY, ModelSpec
 OUTPUT = "probabilities"
 PARAM_MODEL_FILE = "cmdeploy.model_file"
 PARAM_MODEL_SHA256 = "cmdeploy.model_sha256"
+SETUP_TIMEOUT_S = 10.0  # connecting and reading the model config
 _WIRE_DTYPES = {"FP32": np.float32, "INT16": np.int16}
 
 
@@ -89,9 +90,10 @@ class TritonRunner:
         try:
             if self.protocol == "grpc":
                 self._client = tc.InferenceServerClient(self.address)
-            else:
+            else:  # set-up calls get a generous timeout; inference requests get timeout_s
+                setup = max(self.timeout_s, SETUP_TIMEOUT_S)
                 self._client = tc.InferenceServerClient(
-                    self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                    self.address, connection_timeout=setup, network_timeout=setup
                 )
             ready = self._client.is_model_ready(model_name)
         except Exception as exc:
@@ -111,6 +113,11 @@ class TritonRunner:
             meta = MessageToDict(meta, preserving_proto_field_name=True)
             config = MessageToDict(config.config, preserving_proto_field_name=True)
         self._init_from(meta, config)
+        if self.protocol == "http" and self.timeout_s < SETUP_TIMEOUT_S:
+            self._client.close()
+            self._client = tc.InferenceServerClient(
+                self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+            )
 
     def _init_from(self, meta: dict[str, Any], config: dict[str, Any]) -> None:
         where = f"Triton model {self.model_name!r} at {self.url}"
