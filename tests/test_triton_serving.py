@@ -479,3 +479,21 @@ def test_pipeline_names_pending_rows(tmp_path, local):
         run_pipeline(seg, series, rows)
     assert info.value.pending == [4] and info.value.lines == [6] and info.value.total == 5
     assert "1 of 5 object(s) not done (CSV lines 6): connection refused" in str(info.value)
+
+
+def test_gpu_check_scripts_compare_against_a_live_server(server, capsys):
+    """The NGC-container check (examples/triton_gpu_check.sh) runs examples/triton_compare.py; the
+    comparison itself is exercised here against the PyTriton server (same fused contract)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    assert subprocess.run(["bash", "-n", str(root / "triton_gpu_check.sh")]).returncode == 0
+    spec = importlib.util.spec_from_file_location("triton_compare", root / "triton_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    code = mod.main(["--url", server.grpc_url, "--reference", str(MODEL), "--objects", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS: lowest Dice 1.000000" in out and out.count("max|dp| 0.00e+00") == 4
+    (port,) = _free_ports(1)
+    assert mod.main(["--url", f"127.0.0.1:{port}", "--reference", str(MODEL)]) == 3
