@@ -291,7 +291,7 @@ def test_dynamic_batching_merges_requests_and_metrics_count_them(server):
     assert executions < requests, (executions, requests)
 
 
-def test_masks_output_and_int16_free_wire(server, local):
+def test_masks_output_for_a_plain_tritonclient(server, local):
     """A raw tritonclient request (no cmdeploy client) gets the same masks via the `masks` output."""
     import tritonclient.http as th
 
@@ -399,11 +399,20 @@ def test_infer_cli_over_triton_writes_what_a_local_run_writes(server, tmp_path):
         assert report["extra"]["rows"] == local_report["extra"]["rows"]
 
 
-def test_server_stopped_mid_run_reports_the_objects_not_done(tmp_path, monkeypatch):
-    """The server goes away after the first request: the pipeline names the objects that were not
-    done, and ``cmdeploy infer --triton`` exits 3 writing nothing."""
-    srv = Server(tmp_path, "--max-queue-delay-us", "0")
+def test_int16_wire_then_server_stopped_mid_run(tmp_path, monkeypatch, local):
+    """A server taking int16 slices gives the same masks (whole-HU slices; others are refused).
+    Then it goes away after the first request of a run: ``cmdeploy infer --triton`` exits 3,
+    names the objects (CSV lines) that were not done and writes nothing."""
+    srv = Server(tmp_path, "--max-queue-delay-us", "0", "--slice-dtype", "int16")
     try:
+        seg = connect_segmenter(srv.http_url)
+        assert seg._runner.slice_dtype == np.int16
+        slices, pts = _objects(11, 2)
+        for s, p, m in zip(slices, pts, seg.predict_batch(slices, pts), strict=True):
+            np.testing.assert_array_equal(m, local.predict(s, p))
+        with pytest.raises(InputError, match="int16"):
+            seg.predict(slices[0] + 0.25, pts[0])
+
         csv = tmp_path / "points.csv"
         csv.write_text(
             "slice_index,label,left_x,left_y,right_x,right_y,top_x,top_y,bottom_x,bottom_y\n"
