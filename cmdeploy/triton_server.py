@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sysconfig
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cmdeploy.errors import InputError
+from cmdeploy.errors import InputError, ModelError
 from cmdeploy.segmenter import Segmenter
 
 MODEL_NAME = "cmdeploy"
@@ -173,11 +175,13 @@ def serve(
 ) -> None:
     """Load ``config.instances`` segmenters, start Triton and serve until interrupted (SIGINT/SIGTERM).
 
-    ``on_ready`` gets the endpoint URLs once the model is loaded and Triton answers ready.
-    Raises :class:`InputError` (settings), :class:`~cmdeploy.errors.ModelError` (model) or
-    ``RuntimeError`` (the server could not start).
+    ``on_ready`` gets the endpoint URLs once the model is loaded and Triton answers ready. Returns
+    after SIGINT/SIGTERM (handled when called from the main thread) with Triton stopped. Raises
+    :class:`InputError` (settings), :class:`~cmdeploy.errors.ModelError` (model; or the server died
+    without being asked to stop) or ``RuntimeError``/``TimeoutError`` (the server could not start).
     """
     config.check()
+    stop_requested = _handle_stop_signals()
     os.environ.update(stub_library_env())  # inherited by tritonserver and its Python backend stub
 
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -245,6 +249,26 @@ def serve(
         triton.run()
         if on_ready is not None:
             on_ready(urls)
-        triton.serve()
+        triton.serve(monitoring_period_s=1.0)
+    except KeyboardInterrupt:
+        stop_requested.set()
     finally:
         triton.stop()
+    if not stop_requested.is_set():
+        raise ModelError("the Triton server stopped without being asked to (see its log above)")
+
+
+def _handle_stop_signals() -> threading.Event:
+    """SIGINT/SIGTERM -> the returned event is set and KeyboardInterrupt is raised in the main
+    thread, which PyTriton answers by stopping tritonserver cleanly (main thread only)."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return requested
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        requested.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return requested

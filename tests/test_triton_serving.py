@@ -117,6 +117,18 @@ class Server:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def crash(self) -> None:
+        """SIGKILL the ``tritonserver`` process under ``cmdeploy triton`` (a crash, not a stop)."""
+        victims = []
+        for child in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+            for pid in child.read_text().split():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"tritonserver" in cmdline.split(b"\0")[0]:
+                    victims.append(int(pid))
+        assert victims, "no tritonserver child found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM (a clean stop), SIGKILL to the process group if it hangs; returns the exit code."""
         if self.proc.poll() is None:
@@ -425,8 +437,8 @@ def test_int16_wire_then_server_stopped_mid_run(tmp_path, monkeypatch, local):
 
         def run_then_stop(self, feeds):
             calls.append(len(feeds["points"]))
-            if len(calls) == 2:  # the server dies between the first and the second request
-                assert srv.stop() == 0
+            if len(calls) == 2:  # the server crashes between the first and the second request
+                srv.crash()
             return real_run(self, feeds)
 
         monkeypatch.setattr(TritonRunner, "run", run_then_stop)
@@ -455,6 +467,9 @@ def test_int16_wire_then_server_stopped_mid_run(tmp_path, monkeypatch, local):
         flat = " ".join(res.output.split())
         assert "2 of 3 object(s) not done (CSV lines 3, 4)" in flat, res.output
         assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], "partial outputs written"
+        # and `cmdeploy triton` notices that its server died: exit 3 with the reason
+        assert srv.proc.wait(timeout=60) == 3
+        assert "stopped without being asked" in srv.log.read_text()
     finally:
         srv.stop()
 

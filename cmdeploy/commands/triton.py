@@ -1,7 +1,7 @@
 """``cmdeploy triton``: serve a model on Triton Inference Server (PyTriton; the ``[triton]`` extra).
 
 Exit status: 0 after a clean stop (Ctrl-C / SIGTERM), 2 for bad options or a missing extra, 3 when
-the model cannot be loaded or the server cannot start or dies.
+the model cannot be loaded, the server cannot start, or it dies without being asked to stop.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ def triton(
             log_verbose=log_verbose,
         )
         config.check()
-        _install_sigterm()
 
         def ready(urls: dict[str, str]) -> None:
             err.print(
@@ -91,18 +90,7 @@ def triton(
 
         try:
             serve(config, on_ready=ready, log=err.print)
-        except KeyboardInterrupt:
-            pass
         except TimeoutError as exc:
             raise ModelError(f"Triton did not become ready: {exc}") from None
     err.print("server stopped")
 
-
-def _install_sigterm() -> None:
-    """SIGTERM -> KeyboardInterrupt in the main thread, so PyTriton stops tritonserver cleanly."""
-    import signal
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
