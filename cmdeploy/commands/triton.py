@@ -23,7 +23,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def triton(
     model: Path | None = typer.Option(
-        None, "--model", "-m", help="ONNX model to serve (default: the embedded model)."
+        None, "--model", "-m", help="Model to serve: .onnx or TensorRT engine (default: the embedded model)."
     ),
     host: str = typer.Option(
         "127.0.0.1",
