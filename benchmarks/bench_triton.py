@@ -139,8 +139,13 @@ def bench_triton(
 
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
-    start = threading.Barrier(clients + 1)
-    stop_at = [0.0]
+    window: dict[str, float] = {}
+
+    def open_window() -> None:  # runs once, before any thread passes the barrier
+        window["start"] = time.perf_counter()
+        window["stop"] = window["start"] + seconds
+
+    start = threading.Barrier(clients + 1, action=open_window)
 
     def client(c: int) -> None:
         try:
@@ -153,11 +158,14 @@ def bench_triton(
             outs = [tg.InferRequestedOutput(output)]
             cl.infer("cmdeploy", [a, b], outputs=outs)  # warm-up
             start.wait()
-            while time.perf_counter() < stop_at[0]:
+            while True:  # at least one timed call per client
                 t0 = time.perf_counter()
                 res = cl.infer("cmdeploy", [a, b], outputs=outs)
                 res.as_numpy(output)
-                lat[c].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                lat[c].append(t1 - t0)
+                if t1 >= window["stop"]:
+                    break
             cl.close()
         except BaseException as exc:  # noqa: BLE001 - reported by the caller
             errors.append(exc)
@@ -170,11 +178,9 @@ def bench_triton(
         start.wait()
     except threading.BrokenBarrierError:
         pass
-    t_start = time.perf_counter()
-    stop_at[0] = t_start + seconds
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - window.get("start", time.perf_counter())
     if errors:
         raise errors[0]
     flat = [x for per in lat for x in per]
@@ -230,23 +236,28 @@ def run_models(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> li
 
 
 def run_sweep(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> list[dict]:
+    """For each INSTANCESxTHREADSxDELAY setting: a server, the local batch-16 reference measured
+    right before (server idle), then the most clients; the share is against that reference."""
     model = a.model[0]
     seg = Segmenter.load(model, threads=a.threads, batch_size=16)
-    ref = bench_local(seg, slices, pts, a.seconds, 16)
-    del seg
-    rows = [{"model": Path(model).name, "setup": "local, batch 16", **ref, "share": None}]
+    rows = []
+    n = max(a.clients)
     for spec in a.sweep:
         instances, threads, delay = (int(v) for v in spec.split("x"))
         srv = Server(model, *server_args(a, instances, threads, delay))
         try:
-            r = bench_triton(f"127.0.0.1:{srv.grpc}", slices, pts, max(a.clients), 1, a.seconds, a.output)
+            ref = bench_local(seg, slices, pts, a.seconds, 16)
+            r = bench_triton(f"127.0.0.1:{srv.grpc}", slices, pts, n, 1, a.seconds, a.output)
         finally:
             srv.stop()
+        setup = f"{instances} instance(s) x {threads} thread(s), delay {delay} us, {n} clients"
+        rows.append(
+            {"model": Path(model).name, "setup": f"local batch 16 (before: {setup})", **ref, "share": None}
+        )
         rows.append(
             {
                 "model": Path(model).name,
-                "setup": f"{instances} instance(s) x {threads} thread(s), delay {delay} us, "
-                f"{max(a.clients)} clients",
+                "setup": setup,
                 **r,
                 "share": r["objects_per_s"] / ref["objects_per_s"],
             }
