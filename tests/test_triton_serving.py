@@ -26,6 +26,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from cmdeploy import Segmenter
+from cmdeploy.backends.base import Runner
 from cmdeploy.cli import app
 from cmdeploy.errors import InputError, ModelError
 from cmdeploy.models import default_model_path
@@ -419,6 +420,7 @@ def test_int16_wire_then_server_stopped_mid_run(tmp_path, monkeypatch, local):
     try:
         seg = connect_segmenter(srv.http_url)
         assert seg._runner.slice_dtype == np.int16
+        assert isinstance(seg._runner, Runner) and seg._runner.batch_range == (1, 16)
         slices, pts = _objects(11, 2)
         for s, p, m in zip(slices, pts, seg.predict_batch(slices, pts), strict=True):
             np.testing.assert_array_equal(m, local.predict(s, p))
@@ -487,7 +489,12 @@ def test_pipeline_names_pending_rows(tmp_path, local):
     rows = read_points_csv(csv, series)
 
     class Flaky:
-        input_names, output_names, fixed_batch, sidecar = ["slices", "points"], ["probabilities"], None, None
+        input_names, output_names = ["slices", "points"], ["probabilities"]
+        input_shapes = {"slices": (None, None, None), "points": (None, 4, 2)}
+        batch_range = (1, None)
+
+        def close(self):
+            pass
 
         def __init__(self):
             self.n = 0

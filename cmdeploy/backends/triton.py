@@ -56,8 +56,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class TritonRunner:
-    """One Triton model behind the fused-runner interface (``input_names``, ``output_names``,
-    ``run(feeds) -> {"probabilities": (B, H, W)}``).
+    """One Triton model as a :class:`~cmdeploy.backends.base.Runner` with the fused interface
+    (``run({"slices", "points"}) -> {"probabilities": (B, H, W)}``).
 
     Args:
         url: server address (see :func:`parse_url`).
@@ -147,13 +147,14 @@ class TritonRunner:
         self.model_sha256 = params.get(PARAM_MODEL_SHA256) or None
 
     @property
-    def sidecar(self) -> None:
-        """No TensorRT profile: batch limits come from :attr:`max_batch_size`."""
-        return None
+    def input_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """Batch axis first; H and W are free (the fused contract)."""
+        return {"slices": (None, None, None), "points": (None, 4, 2)}
 
     @property
-    def fixed_batch(self) -> None:
-        return None
+    def batch_range(self) -> tuple[int, int | None]:
+        """``(1, the server's max_batch_size)`` (None when the model does not batch)."""
+        return 1, (self.max_batch_size or None)
 
     def _slices(self, slices: np.ndarray) -> np.ndarray:
         if self.slice_dtype == np.float32:
