@@ -8,6 +8,9 @@ free localhost ports with N concurrent clients (threads, one tritonclient each) 
 (a 512 x 512 HU slice + 4 points) per request and ask for ``masks``; plus one client sending 16 objects
 per request (what ``cmdeploy infer --triton`` does). Reports objects/s, p50/p95 latency per call
 and Triton@N as a share of the local batch-16 throughput. Clients and server share the machine.
+Because a shared machine's throughput swings with other load, it also reports CPU seconds per object
+(this process, plus for Triton every process of the server's group: ``cmdeploy triton``,
+``tritonserver``, the Python backend stubs) and the efficiency local-CPU/Triton-CPU per object.
 
 ``--sweep`` instead measures 16 clients for several batching settings (instances x threads x queue
 delay) on the first model, to choose the server defaults.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -105,13 +109,36 @@ def make_objects(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return np.stack(slices), np.asarray(pts, np.float32)
 
 
-def _stats(latencies: list[float], objects: int, wall: float) -> dict[str, float]:
+def cpu_self() -> float:
+    """CPU seconds (user + system) of this process, all threads."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_group(pgid: int | None) -> float:
+    """CPU seconds of every live process in process group ``pgid`` (the server: ``cmdeploy triton``,
+    ``tritonserver`` and its Python backend stubs); 0 for None."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "pid (comm)": state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _stats(latencies: list[float], objects: int, wall: float, cpu: float | None = None) -> dict[str, float]:
     lat = np.asarray(latencies) * 1e3
     return {
         "objects_per_s": objects / wall,
         "p50_ms": float(np.percentile(lat, 50)),
         "p95_ms": float(np.percentile(lat, 95)),
         "calls": len(lat),
+        "cpu_ms_per_object": None if cpu is None else 1e3 * cpu / objects,
     }
 
 
@@ -119,6 +146,7 @@ def bench_local(seg: Segmenter, slices: np.ndarray, pts: np.ndarray, seconds: fl
     """Back-to-back ``predict_batch`` calls of ``batch`` objects for ``seconds``."""
     seg.predict_batch(list(slices[:batch]), pts[:batch])  # warm-up
     lat, done, k = [], 0, 0
+    c0 = cpu_self()
     t_start = time.perf_counter()
     while time.perf_counter() - t_start < seconds:
         sel = [(k + j) % len(slices) for j in range(batch)]
@@ -127,11 +155,18 @@ def bench_local(seg: Segmenter, slices: np.ndarray, pts: np.ndarray, seconds: fl
         lat.append(time.perf_counter() - t0)
         done += batch
         k += batch
-    return _stats(lat, done, time.perf_counter() - t_start)
+    return _stats(lat, done, time.perf_counter() - t_start, cpu_self() - c0)
 
 
 def bench_triton(
-    url: str, slices: np.ndarray, pts: np.ndarray, clients: int, per_request: int, seconds: float, output: str
+    url: str,
+    slices: np.ndarray,
+    pts: np.ndarray,
+    clients: int,
+    per_request: int,
+    seconds: float,
+    output: str,
+    server_pgid: int | None = None,
 ) -> dict:
     """``clients`` closed-loop clients (one thread and one gRPC connection each), ``per_request``
     objects per request, for ``seconds`` after a common start."""
@@ -142,6 +177,7 @@ def bench_triton(
     window: dict[str, float] = {}
 
     def open_window() -> None:  # runs once, before any thread passes the barrier
+        window["cpu"] = cpu_self() + cpu_group(server_pgid)
         window["start"] = time.perf_counter()
         window["stop"] = window["start"] + seconds
 
@@ -181,10 +217,11 @@ def bench_triton(
     for t in threads:
         t.join()
     wall = time.perf_counter() - window.get("start", time.perf_counter())
+    cpu = cpu_self() + cpu_group(server_pgid) - window.get("cpu", 0.0)
     if errors:
         raise errors[0]
     flat = [x for per in lat for x in per]
-    return _stats(flat, len(flat) * per_request, wall)
+    return _stats(flat, len(flat) * per_request, wall, cpu if server_pgid else None)
 
 
 def server_args(a: argparse.Namespace, instances: int, threads: int, delay: int) -> list[str]:
@@ -218,19 +255,22 @@ def run_models(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> li
         results: dict[str, list[dict]] = {s[0]: [] for s in setups}
         try:
             for _ in range(a.rounds):
-                ref = None
+                ref = ref_cpu = None
                 for label, clients, size in setups:
                     if clients is None:
                         r = bench_local(seg, slices, pts, a.seconds, size)
                     else:
-                        r = bench_triton(url, slices, pts, clients, size, a.seconds, a.output)
+                        r = bench_triton(url, slices, pts, clients, size, a.seconds, a.output, srv.proc.pid)
                     ref = ref or r["objects_per_s"]
-                    results[label].append({**r, "share": r["objects_per_s"] / ref})
+                    ref_cpu = ref_cpu or r["cpu_ms_per_object"]
+                    cpu_share = ref_cpu / r["cpu_ms_per_object"]
+                    results[label].append({**r, "share": r["objects_per_s"] / ref, "cpu_share": cpu_share})
         finally:
             srv.stop()
         for label, runs in results.items():
             med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-            med["share"] = None if label == "local, batch 16" else med["share"]
+            if label == "local, batch 16":
+                med["share"] = med["cpu_share"] = None
             rows.append({"model": name, "setup": label, **med, "rounds": [r["objects_per_s"] for r in runs]})
     return rows
 
@@ -247,7 +287,7 @@ def run_sweep(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> lis
         srv = Server(model, *server_args(a, instances, threads, delay))
         try:
             ref = bench_local(seg, slices, pts, a.seconds, 16)
-            r = bench_triton(f"127.0.0.1:{srv.grpc}", slices, pts, n, 1, a.seconds, a.output)
+            r = bench_triton(f"127.0.0.1:{srv.grpc}", slices, pts, n, 1, a.seconds, a.output, srv.proc.pid)
         finally:
             srv.stop()
         setup = f"{instances} instance(s) x {threads} thread(s), delay {delay} us, {n} clients"
@@ -260,6 +300,7 @@ def run_sweep(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> lis
                 "setup": setup,
                 **r,
                 "share": r["objects_per_s"] / ref["objects_per_s"],
+                "cpu_share": ref["cpu_ms_per_object"] / r["cpu_ms_per_object"],
             }
         )
     return rows
@@ -291,13 +332,17 @@ def main() -> None:
         f"slices; output {a.output}; gRPC; server: {a.instances} instance(s) x {a.threads} thread(s), "
         f"delay {a.delay_us} us, preferred {a.preferred}\n"
     )
-    print("| model | setup | objects/s | p50 ms | p95 ms | vs local batch 16 |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| model | setup | objects/s | p50 ms | p95 ms | objects/s vs local batch 16 | CPU ms/object "
+        "| CPU efficiency vs local batch 16 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        share = "" if r["share"] is None else f"{100 * r['share']:.0f} %"
+        share = "" if r.get("share") is None else f"{100 * r['share']:.0f} %"
+        cpu_share = "" if r.get("cpu_share") is None else f"{100 * r['cpu_share']:.0f} %"
         print(
             f"| {r['model']} | {r['setup']} | {r['objects_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {share} |"
+            f"{r['p95_ms']:.1f} | {share} | {r['cpu_ms_per_object']:.1f} | {cpu_share} |"
         )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")
