@@ -216,6 +216,14 @@ def test_cli_fp16_copy_and_triton_repository(exported, tmp_path) -> None:
     text = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
     assert 'name: "slices"' in text and 'name: "points"' in text and 'name: "probabilities"' in text
     assert (tmp_path / "repo" / "tiny" / "1" / "model.onnx").read_bytes() == fused.read_bytes()
+    # from an existing ONNX: only a fused one
+    repo2 = ["--triton-repo", str(tmp_path / "r2")]
+    res = CliRunner().invoke(app, ["export", "--onnx", str(exported[1]), *repo2])
+    assert res.exit_code == 2 and "export it with --fused" in res.output
+    assert not (tmp_path / "r2").exists()
+    res = CliRunner().invoke(app, ["export", "--onnx", str(fused), *repo2])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r2" / "cmdeploy" / "config.pbtxt").is_file()
 
 
 def test_cli_engine_without_tensorrt_names_the_extra(exported, tmp_path) -> None:
