@@ -247,7 +247,7 @@ def run_models(a: argparse.Namespace, slices: np.ndarray, pts: np.ndarray) -> li
     for model in a.model:
         name = Path(model).name
         seg = Segmenter.load(model, threads=a.threads, batch_size=16)
-        srv = Server(model, *server_args(a, a.instances, a.threads, a.delay_us))
+        srv = Server(model, *server_args(a, a.instances, a.server_threads, a.delay_us))
         url = f"127.0.0.1:{srv.grpc}"
         setups = [("local, batch 16", None, 16), ("local, batch 1", None, 1)]
         setups += [(f"Triton, {n} client(s) x 1 object", n, 1) for n in a.clients]
@@ -312,8 +312,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--slice-size", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads (local and per instance)")
-    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the local runtime")
+    ap.add_argument("--instances", type=int, default=2, help="server model instances")
+    ap.add_argument("--server-threads", type=int, default=1, help="onnxruntime threads per instance")
     ap.add_argument("--delay-us", type=int, default=2000)
     ap.add_argument("--preferred", default="16")
     ap.add_argument("--output", default="masks", choices=["masks", "probabilities"])
@@ -329,7 +330,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"\n{os.cpu_count()} CPU(s), load average {load:.1f} at the end; {a.slice_size} x {a.slice_size} "
-        f"slices; output {a.output}; gRPC; server: {a.instances} instance(s) x {a.threads} thread(s), "
+        f"slices; output {a.output}; gRPC; local: {a.threads} thread(s); server: {a.instances} instance(s) x "
+        f"{a.server_threads} thread(s), "
         f"delay {a.delay_us} us, preferred {a.preferred}\n"
     )
     print(

@@ -63,15 +63,18 @@ def stub_library_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How to serve: ports (0 = Triton's default is NOT used; give real ports), model instances,
-    dynamic batching (sizes in objects, delay in microseconds) and onnxruntime threads per instance."""
+    """How to serve: model (None = the embedded default), bind address and the three ports (1..65535,
+    distinct), model instances, dynamic batching (sizes in objects, delay in microseconds),
+    onnxruntime threads per instance (None = cores // instances, at least 1) and the wire type of
+    ``slices``. Two instances of one thread each served 16 clients fastest on 2 cores (one
+    instance's NumPy pre/post-processing overlaps the other's model call; docs/results.md)."""
 
     model: Path | None = None
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    instances: int = 1
+    instances: int = 2
     max_batch_size: int = 16
     preferred_batch_sizes: tuple[int, ...] = (16,)
     max_queue_delay_us: int = 2000
@@ -151,9 +154,14 @@ class InferFunction:
         return out
 
 
+def instance_threads(config: ServerConfig) -> int:
+    """onnxruntime threads of each instance: ``config.threads``, else the cores shared out."""
+    return config.threads or max(1, (os.cpu_count() or 1) // config.instances)
+
+
 def load_segmenter(config: ServerConfig) -> Segmenter:
     """The instance's :class:`Segmenter` (``batch_size`` = the server's largest batch)."""
-    return Segmenter.load(config.model, threads=config.threads, batch_size=config.max_batch_size)
+    return Segmenter.load(config.model, threads=instance_threads(config), batch_size=config.max_batch_size)
 
 
 def _publish_parameters(triton: Any, model_name: str, params: dict[str, str]) -> None:
@@ -191,7 +199,8 @@ def serve(
     first = segmenters[0]
     log(
         f"model: {first.model_path.name} ({'fused' if first.fused else 'plain'}, "
-        f"input {first.spec.input_size} px, threshold {first.threshold:g}); {config.instances} instance(s)"
+        f"input {first.spec.input_size} px, threshold {first.threshold:g}); {config.instances} instance(s) "
+        f"x {instance_threads(config)} onnxruntime thread(s)"
     )
     slice_dtype = SLICE_DTYPES[config.slice_dtype]
     triton_config = TritonConfig(

@@ -77,8 +77,6 @@ class Server:
             str(self.grpc),
             "--metrics-port",
             str(self.metrics),
-            "--threads",
-            "2",
             *extra,
         ]
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}  # the command sets it
