@@ -8,7 +8,8 @@ contract whether it talks to this server (CPU, Python backend) or to the reposit
   ``points`` (B, 4, 2) float32 extreme points, order left, right, top, bottom, each
   (x = column, y = row) in slice pixels; B is Triton's batch axis, H and W are free;
 * outputs ``probabilities`` (B, H, W) float32 and ``masks`` (B, H, W) bool
-  (``probabilities > spec.threshold``); a client asks for the ones it wants.
+  (:meth:`Segmenter.to_mask`: the threshold, then the spec's post-processing); a client asks for
+  the ones it wants.
 
 Every request goes through :meth:`cmdeploy.Segmenter.predict_batch` (the one preprocessing, the
 one threshold): the requests the dynamic batcher merged are segmented together, so a batch of 16
@@ -139,17 +140,18 @@ class InferFunction:
         if not all(counts):
             raise InputError("empty request: B must be >= 1")
         probs = self.segmenter.predict_batch(slices, points, return_probabilities=True)
-        threshold = np.float32(self.segmenter.threshold)
         out, a = [], 0
         for req, n in zip(requests, counts, strict=True):
             p = np.stack(probs[a : a + n]).astype(np.float32, copy=False)
-            a += n
             wanted = set(getattr(req, "requested_output_names", None) or OUTPUTS)
             response = {}
             if "probabilities" in wanted:
                 response["probabilities"] = p
-            if "masks" in wanted:
-                response["masks"] = p > threshold
+            if "masks" in wanted:  # the one probabilities -> mask step (threshold, post-processing)
+                response["masks"] = np.stack(
+                    [self.segmenter.to_mask(p[j], points[a + j]) for j in range(n)]
+                )
+            a += n
             out.append(response)
         return out
 

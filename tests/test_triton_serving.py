@@ -221,6 +221,17 @@ def test_infer_function_batches_requests_through_the_segmenter(local):
     )
     with pytest.raises(InputError, match="same B"):
         fn([Req({"slices": np.stack(slices[:1]), "points": pts[:2]}, None)])
+    # masks come from Segmenter.to_mask, so a spec's post-processing applies as in predict
+    from dataclasses import replace
+
+    clicked = Segmenter(
+        local._runner, replace(local.spec, postprocess="clicked"), model_path=MODEL, backend="onnxruntime"
+    )
+    res = InferFunction(clicked)(
+        [Req({"slices": s[None], "points": p[None]}, ["masks"]) for s, p in zip(slices, pts, strict=True)]
+    )
+    for k in range(3):
+        np.testing.assert_array_equal(res[k]["masks"][0], clicked.predict(slices[k], pts[k]))
 
 
 def test_server_not_running(tmp_path):
