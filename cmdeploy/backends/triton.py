@@ -87,22 +87,23 @@ class TritonRunner:
         except ImportError:
             raise InputError("a Triton server needs tritonclient: pip install 'cmdeploy[triton]'") from None
         self._tc = tc
+        setup = max(self.timeout_s, SETUP_TIMEOUT_S)  # set-up calls; inference gets timeout_s
+        kw = {"client_timeout": setup} if self.protocol == "grpc" else {}
         try:
             if self.protocol == "grpc":
                 self._client = tc.InferenceServerClient(self.address)
-            else:  # set-up calls get a generous timeout; inference requests get timeout_s
-                setup = max(self.timeout_s, SETUP_TIMEOUT_S)
+            else:
                 self._client = tc.InferenceServerClient(
                     self.address, connection_timeout=setup, network_timeout=setup
                 )
-            ready = self._client.is_model_ready(model_name)
+            ready = self._client.is_model_ready(model_name, **kw)
         except Exception as exc:
             raise ModelError(f"cannot reach the Triton server at {self.url}: {_reason(exc)}") from None
         if not ready:
             raise ModelError(f"Triton server at {self.url} has no ready model {model_name!r}")
         try:
-            meta = self._client.get_model_metadata(model_name)
-            config = self._client.get_model_config(model_name)
+            meta = self._client.get_model_metadata(model_name, **kw)
+            config = self._client.get_model_config(model_name, **kw)
         except Exception as exc:
             raise ModelError(
                 f"Triton server at {self.url}: cannot read model {model_name!r}: {_reason(exc)}"
