@@ -148,9 +148,7 @@ class InferFunction:
             if "probabilities" in wanted:
                 response["probabilities"] = p
             if "masks" in wanted:  # the one probabilities -> mask step (threshold, post-processing)
-                response["masks"] = np.stack(
-                    [self.segmenter.to_mask(p[j], points[a + j]) for j in range(n)]
-                )
+                response["masks"] = np.stack([self.segmenter.to_mask(p[j], points[a + j]) for j in range(n)])
             a += n
             out.append(response)
         return out
@@ -220,6 +218,7 @@ def serve(
         log_verbose=config.log_verbose,
     )
     triton = Triton(config=triton_config)
+    workspace = str(triton._workspace.path)  # noqa: SLF001 - PyTriton 0.7: its tritonserver copy lives here
     try:
         triton.bind(
             model_name=config.model_name,
@@ -266,7 +265,24 @@ def serve(
     finally:
         triton.stop()
     if not stop_requested.is_set():
+        _kill_leftover_stubs(workspace)
         raise ModelError("the Triton server stopped without being asked to (see its log above)")
+
+
+def _kill_leftover_stubs(workspace: str) -> None:
+    """SIGKILL the Python backend stubs of this server's tritonserver (their binary lives in its
+    PyTriton workspace), which outlive a tritonserver that crashed; Linux ``/proc`` only."""
+    prefix = workspace.encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            exe = cmdline.read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if exe.startswith(prefix) and exe.endswith(b"triton_python_backend_stub"):
+            try:
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _handle_stop_signals() -> threading.Event:

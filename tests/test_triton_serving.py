@@ -485,8 +485,22 @@ def test_int16_wire_then_server_stopped_mid_run(tmp_path, monkeypatch, local):
         # and `cmdeploy triton` notices that its server died: exit 3 with the reason
         assert srv.proc.wait(timeout=60) == 3
         assert "stopped without being asked" in srv.log.read_text()
+        deadline = time.monotonic() + 15  # the stubs outlive a crashed tritonserver unless killed
+        while True:
+            left = [st.parent.name for st in Path("/proc").glob("[0-9]*/stat") if _pgrp(st) == srv.proc.pid]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert not left, f"processes left behind by the crashed server: {left}"
     finally:
         srv.stop()
+
+
+def _pgrp(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_pipeline_names_pending_rows(tmp_path, local):
