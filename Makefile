@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,serve,dev
+EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,serve,triton,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_int8.py --fp32 $(M).onnx --int8 $(M).int8.onnx --batches 1 16
 	$(BIN)/cmdeploy bench --model $(M).onnx --model $(M).int8.onnx --model $(M).fused.onnx
 	$(BIN)/python benchmarks/bench_infer.py --model $(M).onnx --model $(M).int8.onnx --data $(DATA)
+	$(BIN)/python benchmarks/bench_triton.py --model $(M).int8.onnx --model $(M).onnx
 	test ! -f runs/compact_cm_all/best.pt || $(BIN)/python benchmarks/bench_export.py \
 		--checkpoint runs/compact_cm_all/best.pt --onnx $(M).onnx
 

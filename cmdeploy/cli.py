@@ -33,6 +33,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("evaluate", "evaluate", "evaluate"),
     ("bench", "bench", "bench"),
     ("serve", "serve", "serve"),
+    ("triton", "triton", "triton"),
 ]
 
 

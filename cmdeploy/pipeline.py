@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cmdeploy.backends.base import batch_chunks
-from cmdeploy.errors import InputError
+from cmdeploy.errors import InputError, ModelError
 from cmdeploy.points_csv import MAX_LABELS, base_label
 from cmdeploy.segmenter import PreparedBatch, Segmenter, check_points, check_slice
 from cmdeploy.writers import MaskCrop
@@ -43,6 +43,22 @@ class ObjectRow(Protocol):
     slice_index: int
     label: str
     points: np.ndarray
+
+
+class IncompleteRunError(ModelError):
+    """The model failed part-way (e.g. a Triton server went away): ``pending`` holds the input
+    positions of the rows that have no result, ``lines`` their CSV lines (0 when unknown)."""
+
+    def __init__(self, cause: BaseException, pending: list[int], lines: list[int], total: int) -> None:
+        self.pending = pending
+        self.lines = lines
+        self.total = total
+        shown = [str(n) for n in lines[:20] if n] or [str(i + 1) for i in pending[:20]]
+        what = "CSV lines" if any(lines) else "rows"
+        more = f" and {len(pending) - 20} more" if len(pending) > 20 else ""
+        super().__init__(
+            f"{len(pending)} of {total} object(s) not done ({what} {', '.join(shown)}{more}): {cause}"
+        )
 
 
 @dataclass(frozen=True)
@@ -370,7 +386,12 @@ def run_pipeline(
                 break
             if isinstance(item, BaseException):
                 raise item
-            output = segmenter.infer(item.prepared)
+            try:
+                output = segmenter.infer(item.prepared)
+            except ModelError as exc:
+                pending_rows = [i for i in order if results[i] is None]
+                lines = [int(getattr(rows[i], "line", 0) or 0) for i in pending_rows]
+                raise IncompleteRunError(exc, pending_rows, lines, len(rows)) from exc
             t2 = time.perf_counter()
             for j, i in enumerate(item.rows):
                 r = rows[i]

@@ -9,8 +9,15 @@ Layout written by :func:`write_triton_repository`::
 
 Each config declares inputs/outputs with their Triton data types and dims *without* the batch
 axis (``max_batch_size`` > 0 makes axis 0 Triton's batch axis), dynamic batching, one instance
-group, and the cmdeploy model card as the ``parameters`` entry ``"cmdeploy.spec"`` (JSON), so a
-Triton client can prepare inputs exactly as ``cmdeploy infer`` does.
+group, and as ``parameters`` the cmdeploy model card ``"cmdeploy.spec"`` (JSON), the served file's
+name ``"cmdeploy.model_file"`` and SHA-256 ``"cmdeploy.model_sha256"``.
+
+``cmdeploy export --fused --triton-repo`` writes the **fused** model (``require_fused=True``): inputs
+``slices`` (B, H, W) HU and ``points`` (B, 4, 2), output ``probabilities`` (B, H, W), so the GPU
+server needs no Python and speaks the same contract as ``cmdeploy triton``; the client
+(:class:`cmdeploy.backends.triton.TritonRunner`, ``cmdeploy infer --triton``) works with both.
+``examples/triton_gpu_check.sh`` loads such a repository in NVIDIA's Triton container and compares
+its outputs with the local runtime.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from onnx import TensorProto
 
 from cmdeploy.engine_sidecar import EngineSidecar, sidecar_path, tensorrt_major_minor
 from cmdeploy.errors import InputError
+from cmdeploy.hashing import file_sha256
 from cmdeploy.spec import METADATA_KEY, ModelSpec
 from cmdeploy.writers.atomic import atomic_path, atomic_write_text
 
@@ -52,6 +60,10 @@ _NUMPY_TO_TRITON = {
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
 }
+FUSED_INPUTS = ("slices", "points")
+FUSED_OUTPUT = "probabilities"
+PARAM_MODEL_FILE = "cmdeploy.model_file"
+PARAM_MODEL_SHA256 = "cmdeploy.model_sha256"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 
@@ -190,6 +202,7 @@ def render_config(
     instance_count: int,
     instance_kind: str,
     spec: ModelSpec | None,
+    parameters: dict[str, str] | None = None,
 ) -> str:
     """The ``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``)."""
     lines = [
@@ -213,12 +226,14 @@ def render_config(
         "  }",
         "]",
     ]
+    params = dict(parameters or {})
     if spec is not None:
-        spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+        params[METADATA_KEY] = json.dumps(spec.to_dict(), sort_keys=True)
+    for key in sorted(params):
         lines += [
             "parameters {",
-            f"  key: {_q(METADATA_KEY)}",
-            f"  value: {{ string_value: {_q(spec_json)} }}",
+            f"  key: {_q(key)}",
+            f"  value: {{ string_value: {_q(params[key])} }}",
             "}",
         ]
     return "\n".join(lines) + "\n"
@@ -237,6 +252,7 @@ def write_triton_repository(
     version: int = 1,
     onnx_instance_kind: str = "KIND_GPU",
     tensorrt_version: str | None = None,
+    require_fused: bool = False,
 ) -> dict[str, Path]:
     """Write Triton model folders; returns ``{triton model name: model folder}``.
 
@@ -254,6 +270,8 @@ def write_triton_repository(
         onnx_instance_kind: instance kind of the ONNX model (the plan is always ``KIND_GPU``).
         tensorrt_version: TensorRT version of the Triton container that will serve the plan; its
             major.minor must equal the sidecar's (a plan only loads on the release that built it).
+        require_fused: refuse models without the fused interface (inputs ``slices`` (B, H, W) and
+            ``points`` (B, 4, 2), output ``probabilities`` (B, H, W)).
 
     A plan whose profile's minimum batch is above 1 is refused when batching: Triton's dynamic
     batcher sends any batch from 1 up, and the engine would reject the small ones at run time.
@@ -323,6 +341,10 @@ def write_triton_repository(
             )
         )
 
+    if require_fused:
+        for job in jobs:
+            check_fused_interface(job.inputs, job.outputs, batched=batched, source=str(job.source))
+
     written: dict[str, Path] = {}
     for job in jobs:
         model_dir = repo / job.name
@@ -341,7 +363,40 @@ def write_triton_repository(
             instance_count=instance_count,
             instance_kind=job.instance_kind,
             spec=job.spec,
+            parameters={PARAM_MODEL_FILE: job.source.name, PARAM_MODEL_SHA256: file_sha256(job.source)},
         )
         atomic_write_text(model_dir / "config.pbtxt", text)
         written[job.name] = model_dir
     return written
+
+
+def check_fused_interface(
+    inputs: Sequence[TensorDesc], outputs: Sequence[TensorDesc], *, batched: bool, source: str
+) -> None:
+    """:class:`InputError` unless the tensors are the fused contract: ``slices`` (H, W) and
+    ``points`` (4, 2) in, ``probabilities`` (H, W) out, all FP32 (dims without the batch axis when
+    ``batched``)."""
+    lead = () if batched else (-1,)
+    want_in = {"slices": (*lead, -1, -1), "points": (*lead, 4, 2)}
+    got_in = {t.name: t for t in inputs}
+    got_out = {t.name: t for t in outputs}
+    problems = []
+    if set(got_in) != set(FUSED_INPUTS):
+        problems.append(f"inputs {sorted(got_in)} (need {list(FUSED_INPUTS)})")
+    if FUSED_OUTPUT not in got_out:
+        problems.append(f"outputs {sorted(got_out)} (need {FUSED_OUTPUT!r})")
+    for name, dims in want_in.items():
+        t = got_in.get(name)
+        if t is not None and (
+            t.data_type != "TYPE_FP32"
+            or len(t.dims) != len(dims)
+            or any(w != -1 and d != w for d, w in zip(t.dims, dims, strict=True))
+        ):
+            problems.append(f"{name} is {t.data_type} {list(t.dims)} (need TYPE_FP32 {list(dims)})")
+    out = got_out.get(FUSED_OUTPUT)
+    if out is not None and (out.data_type != "TYPE_FP32" or len(out.dims) != len(lead) + 2):
+        problems.append(f"{FUSED_OUTPUT} is {out.data_type} {list(out.dims)} (need TYPE_FP32 (H, W))")
+    if problems:
+        raise InputError(
+            f"{source} is not a fused cmdeploy model (export it with --fused): " + "; ".join(problems)
+        )

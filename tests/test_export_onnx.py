@@ -198,19 +198,32 @@ def test_cli_fp16_copy_and_triton_repository(exported, tmp_path) -> None:
     from cmdeploy.cli import app
 
     out = tmp_path / "m.onnx"
-    res = CliRunner().invoke(
-        app,
-        [
-            "export", "--checkpoint", str(exported[0]), "--output", str(out), "--fp16",
-            "--triton-repo", str(tmp_path / "repo"), "--model-name", "tiny",
-        ],
-    )
+    args = ["export", "--checkpoint", str(exported[0])]
+    res = CliRunner().invoke(app, [*args, "--output", str(out), "--fp16"])
     assert res.exit_code == 0, res.output
     assert "FP16 vs FP32" in res.output and "PASS" in res.output
     fp16 = onnx.load(str(tmp_path / "m.fp16.onnx"))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
-    assert (tmp_path / "repo" / "tiny" / "config.pbtxt").is_file()
-    assert (tmp_path / "repo" / "tiny" / "1" / "model.onnx").read_bytes() == out.read_bytes()
+
+    # the Triton repository serves the fused model: refused without --fused, before any work
+    args = [*args, "--triton-repo", str(tmp_path / "repo")]
+    res = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "p.onnx")])
+    assert res.exit_code == 2 and "add --fused" in res.output
+    assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "repo").exists()
+    fused = tmp_path / "f.onnx"
+    res = CliRunner().invoke(app, [*args, "--output", str(fused), "--fused", "--model-name", "tiny"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "repo" / "tiny" / "config.pbtxt").read_text()
+    assert 'name: "slices"' in text and 'name: "points"' in text and 'name: "probabilities"' in text
+    assert (tmp_path / "repo" / "tiny" / "1" / "model.onnx").read_bytes() == fused.read_bytes()
+    # from an existing ONNX: only a fused one
+    repo2 = ["--triton-repo", str(tmp_path / "r2")]
+    res = CliRunner().invoke(app, ["export", "--onnx", str(exported[1]), *repo2])
+    assert res.exit_code == 2 and "export it with --fused" in res.output
+    assert not (tmp_path / "r2").exists()
+    res = CliRunner().invoke(app, ["export", "--onnx", str(fused), *repo2])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r2" / "cmdeploy" / "config.pbtxt").is_file()
 
 
 def test_cli_engine_without_tensorrt_names_the_extra(exported, tmp_path) -> None:

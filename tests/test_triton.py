@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -85,6 +86,11 @@ def parse_pbtxt(text: str) -> dict[str, list]:
     msg, i = _message(toks, 0)
     assert i == len(toks), f"trailing tokens: {toks[i:]}"
     return msg
+
+
+def params(cfg: dict[str, list]) -> dict[str, str]:
+    """The config's ``parameters`` map as key -> string_value."""
+    return {one(p, "key"): one(one(p, "value"), "string_value") for p in cfg.get("parameters", [])}
 
 
 def one(msg: dict[str, list], key: str):
@@ -255,9 +261,11 @@ def test_onnx_repository_layout_and_config(tmp_path, onnx_path):
     assert one(batching, "max_queue_delay_microseconds") == 500
     (group,) = cfg["instance_group"]
     assert (one(group, "count"), one(group, "kind")) == (1, "KIND_GPU")
-    param = one(cfg, "parameters")
-    assert one(param, "key") == METADATA_KEY
-    spec_json = one(one(param, "value"), "string_value")
+    p = params(cfg)
+    assert set(p) == {METADATA_KEY, "cmdeploy.model_file", "cmdeploy.model_sha256"}
+    assert p["cmdeploy.model_file"] == "seg.onnx"
+    assert p["cmdeploy.model_sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    spec_json = p[METADATA_KEY]
     assert ModelSpec.from_dict(json.loads(spec_json)) == SPEC
 
 
@@ -285,7 +293,8 @@ def test_engine_gets_a_trt_model_capped_by_profile(tmp_path, onnx_path, engine_p
     assert one(cfg, "input")["dims"] == [3, 32, 32]
     assert one(cfg, "output")["dims"] == [1, 32, 32]
     assert one(one(cfg, "instance_group"), "count") == 2
-    spec_json = one(one(one(cfg, "parameters"), "value"), "string_value")
+    spec_json = params(cfg)[METADATA_KEY]
+    assert params(cfg)["cmdeploy.model_file"] == "seg.plan"
     assert ModelSpec.from_dict(json.loads(spec_json)) == SPEC
     onnx_cfg = parse_pbtxt((repo / "seg/config.pbtxt").read_text())
     assert one(onnx_cfg, "dynamic_batching")["preferred_batch_size"] == [4, 8, 16, 32]
@@ -328,12 +337,13 @@ def test_no_batching_keeps_batch_axis_and_drops_batcher(tmp_path, onnx_path):
     assert one(cfg, "input")["dims"] == [-1, 3, 32, 32]
 
 
-def test_model_without_spec_has_no_parameters(tmp_path):
+def test_model_without_spec_has_no_spec_parameter(tmp_path):
     path = tmp_path / "plain.onnx"
     onnx.save(seg_model(spec=None), path)
     write_triton_repository(tmp_path / "r", "plain", onnx_path=path, onnx_instance_kind="KIND_CPU")
     cfg = parse_pbtxt((tmp_path / "r/plain/config.pbtxt").read_text())
-    assert "parameters" not in cfg
+    assert METADATA_KEY not in params(cfg)
+    assert params(cfg)["cmdeploy.model_file"] == "plain.onnx"
     assert one(one(cfg, "instance_group"), "kind") == "KIND_CPU"
 
 
@@ -367,3 +377,41 @@ def test_fixed_batch_model_needs_dynamic_axis(tmp_path):
     write_triton_repository(tmp_path / "r", "fixed", onnx_path=path, max_batch_size=0)
     cfg = parse_pbtxt((tmp_path / "r/fixed/config.pbtxt").read_text())
     assert one(cfg, "input")["dims"] == [1, 3, 32, 32]
+
+
+def test_fused_repository_speaks_the_client_contract(tmp_path, fused_model_path, onnx_path):
+    """The GPU path: the fused model's config is what cmdeploy's Triton client expects."""
+    write_triton_repository(tmp_path / "r", "cmdeploy", onnx_path=fused_model_path, require_fused=True)
+    text = (tmp_path / "r/cmdeploy/config.pbtxt").read_text()
+    cfg = parse_model_config(text)
+    assert [(i.name, _DATA_TYPES[i.data_type], list(i.dims)) for i in cfg.input] == [
+        ("slices", "TYPE_FP32", [-1, -1]),
+        ("points", "TYPE_FP32", [4, 2]),
+    ]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("probabilities", [-1, -1])]
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 32
+
+    # what a Triton server reports for this config, fed to the client's set-up
+    from cmdeploy.backends.triton import TritonRunner
+
+    meta = {
+        "inputs": [{"name": i.name, "datatype": _DATA_TYPES[i.data_type][5:]} for i in cfg.input],
+        "outputs": [{"name": o.name, "datatype": "FP32"} for o in cfg.output],
+    }
+    config = {
+        "max_batch_size": cfg.max_batch_size,
+        "parameters": {k: {"string_value": v.string_value} for k, v in cfg.parameters.items()},
+    }
+    runner = object.__new__(TritonRunner)
+    runner.model_name, runner.url = "cmdeploy", "http://gpu-node:8000"
+    runner._init_from(meta, config)
+    assert runner.spec == ModelSpec.from_metadata(
+        {p.key: p.value for p in onnx.load(str(fused_model_path)).metadata_props}
+    )
+    assert runner.slice_dtype == np.float32 and runner.max_batch_size == 32
+    assert runner.model_file == fused_model_path.name
+    assert runner.model_sha256 == hashlib.sha256(fused_model_path.read_bytes()).hexdigest()
+
+    with pytest.raises(InputError, match="not a fused cmdeploy model"):
+        write_triton_repository(tmp_path / "r2", "plain", onnx_path=onnx_path, require_fused=True)
+    assert not (tmp_path / "r2").exists()

@@ -75,7 +75,12 @@ def export(
         "(default 32,512,1024).",
     ),
     timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
-    triton_repo: Path = typer.Option(None, "--triton-repo", help="Also write a Triton model repository."),
+    triton_repo: Path = typer.Option(
+        None,
+        "--triton-repo",
+        help="Also write a Triton model repository serving the fused model (export with --fused, or "
+        "--onnx a fused ONNX): onnxruntime backend, plus tensorrt_plan with --engine.",
+    ),
     model_name: str = typer.Option("cmdeploy", "--model-name", help="Triton model name."),
     triton_tensorrt_version: str = typer.Option(
         None,
@@ -144,6 +149,8 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
     if not min_batch <= opt_batch <= max_batch:
         fail(f"need --min-batch <= --opt-batch <= --max-batch, got {min_batch}, {opt_batch}, {max_batch}")
     axis_ranges = parse_slice_sizes(slice_sizes)
+    if triton_repo is not None:
+        _check_triton_source(onnx_model, fused)
     if checkpoint is not None:
         _check_export_options(checkpoint, output, fused, opset, fused_geometry, engine, precision)
         if fused_geometry is None:
@@ -192,6 +199,7 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
                 engine_path=engine,
                 max_batch_size=max_batch,
                 tensorrt_version=triton_tensorrt_version,
+                require_fused=True,
             )
         except (InputError, ModelError, ValueError) as exc:
             fail(f"Triton repository: {exc}")
@@ -202,6 +210,31 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
                 "note: the plan loads only in a Triton container with the TensorRT major.minor that "
                 "built it; pass --triton-tensorrt-version to check"
             )
+
+
+def _check_triton_source(onnx_model: Path | None, fused: bool) -> None:
+    """The Triton repository serves the fused model (raw HU + points in, probabilities out, no
+    Python on the server): refuse a plain export or a plain --onnx before any work."""
+    if onnx_model is None:
+        if not fused:
+            fail(
+                "--triton-repo serves the fused model (raw HU + points in, probabilities out, no Python "
+                "on the server): add --fused"
+            )
+        return
+    if not onnx_model.is_file():
+        return  # reported by the caller
+    import onnx
+
+    try:
+        names = {i.name for i in onnx.load(str(onnx_model), load_external_data=False).graph.input}
+    except Exception as exc:  # protobuf decode errors
+        fail(f"--onnx {onnx_model}: cannot read as ONNX ({type(exc).__name__})")
+    if not {"slices", "points"} <= names:
+        fail(
+            f"--triton-repo serves the fused model, but --onnx {onnx_model} has inputs {sorted(names)}: "
+            "export it with --fused"
+        )
 
 
 def _check_export_options(

@@ -69,6 +69,15 @@ def infer(
         help="Accept a DICOM series with a gap in its slice positions "
         "(slice_index counts the slices present).",
     ),
+    triton: str | None = typer.Option(
+        None,
+        "--triton",
+        help="Run the model on a Triton server instead: HOST:PORT (HTTP) or grpc://HOST:PORT "
+        "(see `cmdeploy triton`); outputs are the same as a local run.",
+    ),
+    triton_timeout: float = typer.Option(
+        60.0, "--triton-timeout", min=0.001, help="Seconds one Triton request may take."
+    ),
 ) -> None:
     """Segment the objects of a points CSV (four extreme points each) on a CT series."""
     from cmdeploy.commands._common import error_console, exit_on_error, no_traceback
@@ -95,6 +104,8 @@ def infer(
                 series_uid=run.series_uid,
                 allow_gaps=allow_gaps,
                 err=err,
+                triton=triton,
+                triton_timeout=triton_timeout,
             )
             run.send(written, SEG_NAME)
 
@@ -163,6 +174,8 @@ def _infer(
     series_uid: str | None,
     allow_gaps: bool = False,
     err,
+    triton: str | None = None,
+    triton_timeout: float = 60.0,
 ) -> list[Path]:
     """Run inference and write the outputs; returns the files written."""
     import time
@@ -183,6 +196,12 @@ def _infer(
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    if triton is not None:
+        from cmdeploy.backends.triton import parse_url
+
+        parse_url(triton)
+        if model is not None:
+            raise InputError("--model and --triton exclude each other: the Triton server chooses the model")
 
     # 1. inputs, fully validated before anything runs
     series = open_series(input_path, series_uid=series_uid, allow_gaps=allow_gaps)
@@ -206,7 +225,10 @@ def _infer(
     )
 
     # 2. model
-    seg = Segmenter.load(model, backend=backend, threads=threads, batch_size=batch_size, device=device)
+    if triton is not None:
+        seg = _triton_segmenter(triton, model=model, batch_size=batch_size, timeout_s=triton_timeout)
+    else:
+        seg = Segmenter.load(model, backend=backend, threads=threads, batch_size=batch_size, device=device)
     err.print(
         f"model: {seg.model_path.name} ({seg.backend}, {'fused' if seg.fused else 'plain'}, "
         f"input {seg.spec.input_size} px, guidance {seg.spec.guidance})"
@@ -244,6 +266,17 @@ def _infer(
     removed = f"; removed {len(out.removed)} output(s) of the earlier run" if out.removed else ""
     err.print(f"wrote {len(out.written)} file(s) to {output}{removed}")
     return list(out.written)
+
+
+def _triton_segmenter(url: str, *, model: Path | None, batch_size: int, timeout_s: float):
+    """A Segmenter whose model runs on the Triton server at ``url`` (the server owns the model)."""
+    from cmdeploy.errors import InputError
+
+    if model is not None:
+        raise InputError("--model and --triton exclude each other: the Triton server chooses the model")
+    from cmdeploy.backends.triton import connect_segmenter
+
+    return connect_segmenter(url, batch_size=batch_size, timeout_s=timeout_s)
 
 
 def previous_outputs(report_path: Path) -> list[str]:
