@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FORBIDDEN = ("onnx", "scipy", "matplotlib", "torch", "highdicom")
+FORBIDDEN = (
+    "onnx", "scipy", "matplotlib", "torch", "highdicom",  # tooling
+    "fastapi", "uvicorn", "pytriton", "tritonclient", "dicomweb_client", "pynetdicom",  # extras
+)
 
 
 def test_segmenter_load_imports_no_tooling() -> None:
