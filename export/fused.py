@@ -429,6 +429,7 @@ def export_fused(
     min_dice: float = FUSED_MIN_DICE,
     debug: bool = False,
     geometry_dtype: str = "float64",
+    runtime_options: dict[str, Any] | None = None,
 ) -> Any:
     """Export a checkpoint as a fused-preprocessing ONNX model (see the module docstring).
 
@@ -448,6 +449,8 @@ def export_fused(
         debug: add the ``network_input`` and ``crop_probabilities`` outputs.
         geometry_dtype: ``"float64"`` (default; per-object geometry exactly as the NumPy path) or
             ``"float32"`` (a graph without FP64 tensors, for TensorRT).
+        runtime_options: spec fields to replace in the exported model
+            (:func:`cmdeploy.export.onnx_export.load_checkpoint`).
 
     Returns an :class:`cmdeploy.export.onnx_export.ExportResult`; raises
     :class:`cmdeploy.export.parity.ParityError` (nothing written) when parity fails.
@@ -467,7 +470,7 @@ def export_fused(
             f"bilinear mode is named 'linear', which older TensorRT parsers read as nearest), "
             f"got {opset}"
         )
-    ckpt, model, sha = load_checkpoint(checkpoint_path)
+    ckpt, model, sha = load_checkpoint(checkpoint_path, runtime_options)
     spec = ckpt.spec
     network, n_fused = fuse_batchnorm(model)
     proto, meta = traced_model(

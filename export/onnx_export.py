@@ -132,12 +132,29 @@ def fuse_batchnorm(model: Any) -> tuple[Any, int]:
     return fused, count
 
 
-def load_checkpoint(checkpoint_path: str | Path) -> tuple[Any, Any, str]:
-    """(Checkpoint, eval-mode model, checkpoint SHA-256) for a checkpoint file."""
+def load_checkpoint(
+    checkpoint_path: str | Path, runtime_options: dict[str, Any] | None = None
+) -> tuple[Any, Any, str]:
+    """(Checkpoint, eval-mode model, checkpoint SHA-256) for a checkpoint file.
+
+    ``runtime_options`` replaces run-time fields of the checkpoint's spec that do not change the
+    network (``threshold``, ``postprocess``), e.g. as chosen by ``benchmarks/tune_inference.py``.
+    """
+    import dataclasses
+
     from cmdeploy.train.checkpoint import Checkpoint
 
     ckpt = Checkpoint.load(checkpoint_path)
+    options = {k: v for k, v in (runtime_options or {}).items() if v is not None}
+    unknown = set(options) - set(RUNTIME_OPTIONS)
+    if unknown:
+        raise ValueError(f"not run-time spec options: {sorted(unknown)} (allowed: {RUNTIME_OPTIONS})")
+    if options:
+        ckpt = dataclasses.replace(ckpt, spec=dataclasses.replace(ckpt.spec, **options))
     return ckpt, ckpt.build_model(), file_sha256(checkpoint_path)
+
+
+RUNTIME_OPTIONS = ("threshold", "postprocess")
 
 
 def _json(value: Any) -> str:
@@ -360,6 +377,7 @@ def export_onnx(
     check_parity: bool = True,
     atol: float = PARITY_ATOL,
     max_mask_mismatch: float = PARITY_MAX_MASK_MISMATCH,
+    runtime_options: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a plain ONNX model (see the module docstring).
 
@@ -372,6 +390,7 @@ def export_onnx(
         check_parity: run the parity check (on by default).
         atol: largest allowed |torch logit - onnxruntime logit|.
         max_mask_mismatch: largest allowed fraction of crop pixels whose masks differ.
+        runtime_options: spec fields to replace in the exported model (:func:`load_checkpoint`).
 
     Raises:
         ParityError: the exported model disagrees with torch (nothing is written).
@@ -380,7 +399,7 @@ def export_onnx(
 
     if opset < 13:
         raise ValueError(f"opset must be >= 13, got {opset}")
-    ckpt, model, sha = load_checkpoint(checkpoint_path)
+    ckpt, model, sha = load_checkpoint(checkpoint_path, runtime_options)
     spec = ckpt.spec
     fused, n_fused = fuse_batchnorm(model)
     s, c = spec.input_size, spec.num_channels

@@ -257,6 +257,28 @@ def test_cli_rejects_bad_options(exported, tmp_path) -> None:
          "--precision", "fp8"],
     )
     assert res.exit_code == 2 and "--precision" in res.output
+    res = runner.invoke(
+        app,
+        ["export", "--checkpoint", str(exported[0]), "--output", str(tmp_path / "m.onnx"),
+         "--postprocess", "holes"],
+    )
+    assert res.exit_code == 2 and "--postprocess" in res.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_stores_run_time_options_in_the_model(exported, tmp_path) -> None:
+    from cmdeploy.cli import app
+    from cmdeploy.segmenter import Segmenter
+
+    out = tmp_path / "tuned.onnx"
+    res = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(exported[0]), "--output", str(out), "--threshold", "0.4",
+              "--postprocess", "clicked"],
+    )
+    assert res.exit_code == 0, res.output
+    spec = Segmenter.load(out).spec
+    assert spec.threshold == 0.4 and spec.postprocess == "clicked"
+    assert Segmenter.load(exported[1]).spec.threshold == 0.5  # the checkpoint itself is unchanged
+    assert Checkpoint.load(exported[0]).spec.postprocess == "none"
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "cmdeploy" / "models" / "cmdeploy-default.onnx"

@@ -88,6 +88,15 @@ def export(
         help="TensorRT version of the Triton container that will serve the plan (its major.minor "
         "must equal the engine's builder's).",
     ),
+    threshold: float = typer.Option(
+        None, "--threshold", min=0.0, max=1.0,
+        help="Run-time mask threshold stored in the model (default: the checkpoint's, 0.5).",
+    ),
+    postprocess: str = typer.Option(
+        None, "--postprocess",
+        help="Run-time mask post-processing stored in the model: none or clicked (keep the components "
+        "the clicks' segments touch, fill holes) [default: the checkpoint's].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Export a checkpoint to ONNX with a built-in parity check (exit 1 when it fails), and/or build
@@ -141,7 +150,8 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
             opset: int, fused_geometry: str | None, fp16: bool, engine: Path | None, precision: str,
             min_batch: int, opt_batch: int, max_batch: int, slice_sizes: str | None,
             timing_cache: Path | None, triton_repo: Path | None, model_name: str,
-            triton_tensorrt_version: str | None, overwrite: bool) -> None:
+            triton_tensorrt_version: str | None, threshold: float | None, postprocess: str | None,
+            overwrite: bool) -> None:
     if (checkpoint is None) == (onnx_model is None):
         fail("give exactly one of --checkpoint (export it) or --onnx (build from an existing ONNX)")
     if precision not in PRECISIONS:
@@ -151,6 +161,14 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
     axis_ranges = parse_slice_sizes(slice_sizes)
     if triton_repo is not None:
         _check_triton_source(onnx_model, fused)
+    if (threshold is not None or postprocess is not None) and checkpoint is None:
+        fail("--threshold and --postprocess are stored by a checkpoint export: give --checkpoint")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        fail(f"--threshold must be in (0, 1), got {threshold}")
+    from cmdeploy.spec import POSTPROCESS_MODES
+
+    if postprocess is not None and postprocess not in POSTPROCESS_MODES:
+        fail(f"--postprocess must be one of {', '.join(POSTPROCESS_MODES)}, got {postprocess!r}")
     if checkpoint is not None:
         _check_export_options(checkpoint, output, fused, opset, fused_geometry, engine, precision)
         if fused_geometry is None:
@@ -168,7 +186,10 @@ def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | 
     _check_targets(_targets(checkpoint, output, fp16, engine, precision, triton_repo, model_name), overwrite)
 
     if checkpoint is not None:
-        source = _export_checkpoint(checkpoint, output, fused, opset, fused_geometry)
+        source = _export_checkpoint(
+            checkpoint, output, fused, opset, fused_geometry,
+            {"threshold": threshold, "postprocess": postprocess},
+        )
         if fp16 and not (engine is not None and precision == "fp16"):  # else _build writes it
             _write_fp16(source, source.with_name(source.stem + ".fp16.onnx"))
     else:
@@ -275,7 +296,8 @@ def _check_export_options(
 
 
 def _export_checkpoint(
-    checkpoint: Path, output: Path, fused: bool, opset: int, fused_geometry: str
+    checkpoint: Path, output: Path, fused: bool, opset: int, fused_geometry: str,
+    runtime_options: dict | None = None,
 ) -> Path:
     from cmdeploy.errors import InputError, ModelError
     from cmdeploy.export.parity import ParityError
@@ -284,11 +306,14 @@ def _export_checkpoint(
         if fused:
             from cmdeploy.export.fused import export_fused
 
-            result = export_fused(checkpoint, output, opset=opset, geometry_dtype=fused_geometry)
+            result = export_fused(
+                checkpoint, output, opset=opset, geometry_dtype=fused_geometry,
+                runtime_options=runtime_options,
+            )
         else:
             from cmdeploy.export.onnx_export import export_onnx
 
-            result = export_onnx(checkpoint, output, opset=opset)
+            result = export_onnx(checkpoint, output, opset=opset, runtime_options=runtime_options)
     except ParityError as exc:
         fail(f"{exc}; {output} was not written", code=EXIT_CHECK)
     except (ValueError, FileNotFoundError, InputError, ModelError) as exc:
