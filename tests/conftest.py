@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,15 @@ def build_fake_fused_model(path: Path, spec: ModelSpec | None = None) -> Path:
         initializer=inits,
     )
     return _save(graph, spec, path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_delivered() -> None:
+    """Tests that interrupt a run need SIGINT to arrive: a shell that starts the suite in the
+    background (``make test &``) ignores it, and children would inherit the ignore. A Python handler
+    here is reset to the default across exec, so subprocesses get KeyboardInterrupt again."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
