@@ -103,7 +103,8 @@ def _floats(value: object, n: int) -> np.ndarray | None:
     return arr
 
 
-def _has_dicm_marker(path: Path) -> bool:
+def has_dicm_marker(path: Path) -> bool:
+    """True when ``path`` is a readable file with the DICOM Part 10 preamble marker ``DICM``."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -152,7 +153,7 @@ def _read_header(path: Path) -> _Header:
     try:
         ds = pydicom.dcmread(path, defer_size="1 KB")
     except InvalidDicomError:
-        if _has_dicm_marker(path):
+        if has_dicm_marker(path):
             raise InputError(
                 f"'{path}': looks like DICOM (DICM marker) but cannot be parsed; corrupt or "
                 "truncated file"

@@ -26,6 +26,7 @@ import numpy as np
 
 from cmdeploy.errors import InputError
 from cmdeploy.io import Series, open_series
+from cmdeploy.io.dicom_series import has_dicm_marker
 
 log = logging.getLogger("cmdeploy.serve")
 _LABEL_PREFIXES = ("label", "seg", "mask")
@@ -99,15 +100,6 @@ def series_id(relative: str) -> str:
     return hashlib.sha256(relative.encode("utf-8")).hexdigest()[:12]
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def _is_nifti(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith((".nii", ".nii.gz")) and not name.startswith(_LABEL_PREFIXES)
@@ -138,7 +130,7 @@ def _candidates(root: Path) -> list[Path]:
         here = Path(dirpath)
         files = sorted(filenames)
         found += [here / f for f in files if _is_nifti(here / f)]
-        dicoms = [here / f for f in files if not f.startswith(".") and _is_dicom(here / f)]
+        dicoms = [here / f for f in files if not f.startswith(".") and has_dicm_marker(here / f)]
         if dicoms and _modality(dicoms[0]) == "CT":
             found.append(here)
     return found
