@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -69,7 +69,8 @@ def test_rle_rejects_wrong_length() -> None:
 
 
 @given(masks)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
+@example(mask=np.array([[True, False, True, True]]))  # a 1-pixel piece first, the 2-pixel one largest
 def test_contour_is_a_closed_boundary_of_the_largest_piece(mask: np.ndarray) -> None:
     from cmdeploy.labels_to_points import connected_components
 

@@ -93,7 +93,10 @@ def _trace(padded: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _pixels_inside(contour: list[tuple[int, int]]) -> float:
-    """Pixels enclosed by a traced boundary, by Pick's theorem on the shoelace area."""
+    """Pixels enclosed by a traced boundary, by Pick's theorem on the shoelace area (a walk that
+    runs both ways along a line counts each step once per side, so lines come out exact)."""
+    if len(contour) == 1:  # one pixel: no polygon
+        return 1.0
     c = np.asarray(contour, dtype=np.float64)
     y, x = c[:, 0], c[:, 1]
     area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
@@ -105,7 +108,8 @@ def outer_contour(mask: np.ndarray) -> list[list[int]]:
 
     Moore-neighbour tracing, O(perimeter) steps. The piece holding the raster-first pixel is traced
     first; when it encloses less than half the mask, the pieces are labelled (NumPy union-find, the
-    slow path) and the largest is traced. An empty mask gives ``[]``; one pixel gives one point.
+    slow path) and the largest is traced. The fast path measures a piece by its outline, so holes
+    count as inside. An empty mask gives ``[]``; one pixel gives one point.
     """
     m = np.asarray(mask, dtype=bool)
     if not m.any():
