@@ -172,3 +172,16 @@ def test_file_sha256(tmp_path) -> None:
     data = os.urandom(3 * (1 << 20) + 5)  # spans several read chunks
     p.write_bytes(data)
     assert file_sha256(p) == hashlib.sha256(data).hexdigest()
+
+
+def test_weights_only_copy_keeps_everything_but_the_optimiser(trained, tmp_path) -> None:
+    from cmdeploy.train.checkpoint import _main
+
+    _, _, path = trained
+    _main(["--weights-only", str(path), str(tmp_path / "w.pt")])
+    full, light = Checkpoint.load(path), Checkpoint.load(tmp_path / "w.pt")
+    assert full.optimizer_state is not None and light.optimizer_state is None
+    assert light.spec == full.spec and light.epoch == full.epoch and light.metrics == full.metrics
+    assert all(torch.equal(light.state_dict[k], v) for k, v in full.state_dict.items())
+    assert light.train_info["weights_only_of"] == file_sha256(path)
+    assert (tmp_path / "w.pt").stat().st_size < path.stat().st_size

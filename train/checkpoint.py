@@ -313,6 +313,27 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint.load(path)
 
 
+def save_weights_only(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Copy of checkpoint ``source`` without the optimiser state (what is shipped and what
+    ``cmdeploy train --init`` needs: weights, architecture, spec, metrics, training record)."""
+    import dataclasses
+
+    ckpt = Checkpoint.load(source)
+    info = dict(ckpt.train_info, weights_only_of=file_sha256(source))
+    return dataclasses.replace(ckpt, optimizer_state=None, train_info=info).save(target)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m cmdeploy.train.checkpoint", description="Checkpoint tools.")
+    ap.add_argument("--weights-only", nargs=2, metavar=("SOURCE", "TARGET"), required=True,
+                    help="write SOURCE without its optimiser state to TARGET")
+    args = ap.parse_args(argv)
+    out = save_weights_only(*args.weights_only)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -322,4 +343,9 @@ __all__ = [
     "file_sha256",
     "load_checkpoint",
     "save_checkpoint",
+    "save_weights_only",
 ]
+
+
+if __name__ == "__main__":
+    _main()
