@@ -68,9 +68,15 @@ def test_rle_rejects_wrong_length() -> None:
         rle_to_mask([5, -1], (2, 2))
 
 
+RING_THEN_BLOCK = (
+    np.pad(np.ones((6, 6), bool), ((0, 0), (0, 5))) ^ np.pad(np.ones((4, 4), bool), ((1, 1), (1, 6)))
+) | np.pad(np.ones((6, 4), bool), ((0, 0), (7, 0)))
+
+
 @given(masks)
 @settings(max_examples=400, deadline=None)
 @example(mask=np.array([[True, False, True, True]]))  # a 1-pixel piece first, the 2-pixel one largest
+@example(mask=RING_THEN_BLOCK)  # a 20-pixel ring (16-pixel hole) first, a 24-pixel block largest
 def test_contour_is_a_closed_boundary_of_the_largest_piece(mask: np.ndarray) -> None:
     from cmdeploy.labels_to_points import connected_components
 

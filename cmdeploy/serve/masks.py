@@ -1,4 +1,4 @@
-"""Masks on the wire: row-major run-length codes and the outer contour polygon (NumPy only).
+"""Masks on the wire: row-major run-length codes and the outer contour polygon.
 
 RLE: the (H, W) bool mask flattened row by row (``[y, x]``, C order) as alternating run lengths,
 starting with a run of background (possibly 0): ``[0-run, 1-run, 0-run, ...]``; the runs sum to
@@ -48,9 +48,10 @@ def rle_to_mask(rle: list[int], shape: tuple[int, int]) -> np.ndarray:
 
 
 def _largest_piece(mask: np.ndarray) -> np.ndarray:
-    from cmdeploy.labels_to_points import connected_components
+    """The largest 8-connected piece of ``mask`` (pixel count; ties: the raster-first piece)."""
+    from scipy import ndimage
 
-    comp, n = connected_components(mask.astype(np.int32), connectivity=8)
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if n <= 1:
         return mask
     sizes = np.bincount(comp.ravel(), minlength=n + 1)
@@ -92,29 +93,18 @@ def _trace(padded: np.ndarray) -> list[tuple[int, int]]:
     return contour
 
 
-def _pixels_inside(contour: list[tuple[int, int]]) -> float:
-    """Pixels enclosed by a traced boundary, by Pick's theorem on the shoelace area (a walk that
-    runs both ways along a line counts each step once per side, so lines come out exact)."""
-    if len(contour) == 1:  # one pixel: no polygon
-        return 1.0
-    c = np.asarray(contour, dtype=np.float64)
-    y, x = c[:, 0], c[:, 1]
-    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-    return area + len(contour) / 2 + 1
-
-
 def outer_contour(mask: np.ndarray) -> list[list[int]]:
     """Outer boundary pixels ``[[x, y], ...]`` of the mask's largest 8-connected piece.
 
-    Moore-neighbour tracing, O(perimeter) steps. The piece holding the raster-first pixel is traced
-    first; when it encloses less than half the mask, the pieces are labelled (NumPy union-find, the
-    slow path) and the largest is traced. The fast path measures a piece by its outline, so holes
-    count as inside. An empty mask gives ``[]``; one pixel gives one point.
+    The pieces are labelled (``scipy.ndimage``) on the mask's bounding box, then the largest is
+    traced by Moore-neighbour tracing in O(perimeter) steps. An empty mask gives ``[]``; one pixel
+    gives one point.
     """
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return []
-    contour = _trace(np.pad(m, 1))
-    if _pixels_inside(contour) < 0.5 * int(m.sum()):
-        contour = _trace(np.pad(_largest_piece(m), 1))
-    return [[x - 1, y - 1] for y, x in contour]
+    ys, xs = np.nonzero(m)
+    y0, x0 = int(ys.min()), int(xs.min())
+    box = m[y0 : int(ys.max()) + 1, x0 : int(xs.max()) + 1]
+    contour = _trace(np.pad(_largest_piece(box), 1))
+    return [[x - 1 + x0, y - 1 + y0] for y, x in contour]
