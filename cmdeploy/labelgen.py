@@ -89,14 +89,12 @@ def plan(
     ``overwrite`` (it is not ours to replace silently). Raises :class:`InputError` listing every
     problem.
     """
+    from cmdeploy.writers.atomic import check_writable_folder
+
     out = Path(output)
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise InputError(f"--output '{out}' exists and is not a folder")
-    anchor = out
-    while not anchor.exists():
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise InputError(f"--output '{out}': '{anchor}' is not a folder")
+    check_writable_folder(out, what="--output")
     pts_dir = Path(points) if points is not None else None
     if pts_dir is not None and not pts_dir.is_dir():
         raise InputError(f"--points '{pts_dir}' is not a folder of <case>.csv files")

@@ -1,7 +1,8 @@
 """``cmdeploy generate-labels``: label volumes for a folder of cases from four clicks per object.
 
 Exit status: 0 on success, 2 for a bad input (cases, points CSVs, options, output folder; checked
-for every case before any work, nothing written), 3 when the model or the inference backend fails.
+for every case before any work, nothing written), 3 when the model or the inference backend fails,
+130 when interrupted (the case being written is discarded, finished cases stay).
 Finished cases are kept when a later case fails, and skipped by the next run (resume). Logs name
 cases by their position in the run, never by folder name.
 """
@@ -59,10 +60,10 @@ def generate_labels(
 
     Resumable: a case whose report.json exists is finished and skipped.
     """
-    from cmdeploy.commands._common import error_console, exit_on_error, no_traceback
+    from cmdeploy.commands._common import error_console, guarded
 
     err = error_console()
-    with no_traceback(err), exit_on_error(err):
+    with guarded(err):
         _run(
             data, output, points=points, simulate=simulate, cases=cases, names=names, model=model,
             backend=backend, batch_size=batch_size, threads=threads, device=device,
