@@ -43,6 +43,7 @@ LABELS_NAME = "labels.nii.gz"
 POINTS_NAME = "points.csv"
 REPORT_NAME = "report.json"
 SUMMARY_NAME = "summary.json"
+SUMMARY_FORMAT = "cmdeploy-generate-labels-summary"
 CLICKS_PER_OBJECT = 4
 
 
@@ -95,6 +96,12 @@ def plan(
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise InputError(f"--output '{out}' exists and is not a folder")
     check_writable_folder(out, what="--output")
+    summary = out / SUMMARY_NAME
+    if not overwrite and summary.exists() and not _is_our_summary(summary):
+        raise InputError(
+            f"--output '{out}' holds a {SUMMARY_NAME} that generate-labels did not write; "
+            "choose another output folder or pass --overwrite"
+        )
     pts_dir = Path(points) if points is not None else None
     if pts_dir is not None and not pts_dir.is_dir():
         raise InputError(f"--points '{pts_dir}' is not a folder of <case>.csv files")
@@ -123,6 +130,17 @@ def plan(
     if problems:
         raise InputError(f"{len(problems)} problem(s) with the inputs:\n  " + "\n  ".join(problems))
     return todo, done
+
+
+def _is_our_summary(path: Path) -> bool:
+    """True when ``path`` is a regular file holding a summary this module wrote (it is rewritten
+    by every run; anything else there is refused)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == SUMMARY_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def simulated_rows(
@@ -305,7 +323,7 @@ def _write_empty_labels(path: Path, series: Any) -> None:
 
 def summarize(output: str | Path, jobs: Sequence[CaseJob]) -> dict[str, Any]:
     """Totals over the finished cases' reports (objects, clicks, voxels, Dice over objects and
-    cases, seconds); ``cases`` lists each case's numbers."""
+    cases, seconds); ``cases`` lists each case's numbers. Rewritten by every run (``summary.json``)."""
     per_case = []
     obj_scores: list[float] = []
     for job in jobs:
@@ -335,6 +353,7 @@ def summarize(output: str | Path, jobs: Sequence[CaseJob]) -> dict[str, Any]:
         return {"mean": float(np.mean(x)), "std": float(np.std(x)), "n": len(x)} if x else {"n": 0}
 
     return {
+        "format": SUMMARY_FORMAT,
         "cases": per_case,
         "objects": int(sum(c["objects"] for c in per_case)),
         "clicks": int(sum(c["clicks"] for c in per_case)),

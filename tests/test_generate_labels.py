@@ -224,6 +224,15 @@ def test_bad_inputs_exit_2_and_write_nothing(
     assert not out.exists()
 
 
+def test_foreign_summary_is_refused(data: Path, tmp_path: Path, identity_model_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"mine": true}')
+    res = _gen("--data", data, "--simulate", "--output", out, model=identity_model_path)
+    assert res.exit_code == 2 and "did not write" in res.output
+    assert (out / "summary.json").read_text() == '{"mine": true}' and not (out / "case_a").exists()
+
+
 def test_output_that_is_a_file_is_refused(data: Path, tmp_path: Path, identity_model_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("x")
