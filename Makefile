@@ -7,7 +7,7 @@ EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,serve,triton,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo serve test lint bench model table1 clean
+.PHONY: install demo serve test lint bench model table1 study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,14 @@ table1: $(STAMP)
 	    --model runs/table1_cm+ep/model.onnx --data $(DATA) --cases thorax_1p5mm --jitter $$j --by-size \
 	    --output runs/table1_eval_j$$j --overwrite || exit 1; \
 	done
+
+## study: issue 17's workflow at reduced scale (about 30-40 min on 2 cores; not part of CI): base model
+## on ct-organs only, fine-tune on 6 ct-tumours patients, generate labels from simulated clicks for 16,
+## U-Net on ground truth vs generated labels tested on 3; the split is fixed in the script. Writes
+## runs/study/ (results.md, results.json, stages/*.json with each stage's command and wall time);
+## a finished stage is skipped when it is run again.
+study: $(STAMP)
+	$(BIN)/python scripts/study_tumours.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

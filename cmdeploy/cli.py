@@ -30,6 +30,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("calibrate", "calibrate", "calibrate"),
     ("infer", "infer", "infer"),
     ("points-from-labels", "points_from_labels", "points_from_labels"),
+    ("generate-labels", "generate_labels", "generate_labels"),
     ("evaluate", "evaluate", "evaluate"),
     ("bench", "bench", "bench"),
     ("serve", "serve", "serve"),

@@ -89,3 +89,26 @@ def test_label_names(tmp_path: Path) -> None:
         p.write_text(bad)
         with pytest.raises(InputError, match=match):
             load_label_names(p)
+
+
+def test_image_only_cases_when_labels_are_not_required(tmp_path: Path) -> None:
+    root = tmp_path / "new"
+    _touch(root / "a" / "image.nii.gz", root / "b" / "image.nii.gz", root / "b" / "labels.nii.gz")
+    assert [c.name for c in find_cases(root, require_labels=False)] == ["a", "b"]
+    a, b = find_cases(root, require_labels=False)
+    assert a.labels is None and b.labels == root / "b" / "labels.nii.gz"
+    with pytest.raises(InputError, match="has no label volume"):
+        _ = a.label_path
+    assert [c.name for c in find_cases(root)] == ["b"]  # the default still needs labels
+    flat = tmp_path / "flat"
+    _touch(flat / "x_image.nii.gz", flat / "y_image.nii.gz", flat / "y_label.nii.gz")
+    assert [(c.name, c.labels is None) for c in discover_cases(flat, require_labels=False)] == [
+        ("x", True), ("y", False)]
+    split = tmp_path / "split"
+    _touch(split / "images" / "p.nii.gz")
+    (p,) = find_cases(split, require_labels=False)
+    assert (p.name, p.labels) == ("p", None)
+    with pytest.raises(InputError, match="no cases found"):
+        find_cases(split)
+    (f,) = find_cases(split / "images" / "p.nii.gz", require_labels=False)
+    assert (f.name, f.labels) == ("p", None)

@@ -12,6 +12,10 @@ A case is one CT volume and its label volume on the same grid, plus an id -> nam
 * ``split``: ``<root>/images/<name>.nii.gz`` + ``<root>/labels/<name>.nii.gz``;
 * ``file``: one image file with its label volume given as ``reference``.
 
+With ``require_labels=False`` (:func:`find_cases`; ``generate-labels`` on unlabelled data) a case
+needs only its image (``image.*``, ``<name>_image.*`` or ``images/<name>.*``) and ``labels`` is None
+when there is no label volume.
+
 Volumes may be ``.nii.gz``, ``.nii`` or ``.npy``. Discovery only looks at names; nothing is read
 here but the small names JSON (so this module needs neither nibabel nor torch).
 """
@@ -41,14 +45,15 @@ class Case:
 
     Attributes:
         name: case name (its folder name, or the image file name without extension).
-        image: CT volume path; labels: label volume path on the same grid.
+        image: CT volume path; labels: label volume path on the same grid (None only for a case
+            found with ``require_labels=False`` that has no label volume).
         names_file: JSON id -> name map, or None.
         default_names: names used when there is no ``names_file`` (SegTHOR's fixed ids).
     """
 
     name: str
     image: Path
-    labels: Path
+    labels: Path | None
     names_file: Path | None = None
     default_names: dict[int, str] = field(default_factory=dict, compare=False)
 
@@ -65,6 +70,8 @@ class Case:
 
     @property
     def label_path(self) -> Path:  # the name training code uses
+        if self.labels is None:
+            raise InputError(f"case {self.name!r} has no label volume")
         return self.labels
 
 
@@ -123,12 +130,12 @@ def _names_near(*folders: Path) -> Path | None:
     return None
 
 
-def _case_in(folder: Path, parent: Path) -> Case | None:
+def _case_in(folder: Path, parent: Path, require_labels: bool = True) -> Case | None:
     """The case-folder or SegTHOR case in ``folder`` (names next to it or in ``parent``)."""
     image = _first(folder, "image")
     labels = _first(folder, "labels") or _first(folder, "label")
     names = _names_near(folder, parent)
-    if image is not None and labels is not None:
+    if image is not None and (labels is not None or not require_labels):
         return Case(folder.name, image, labels, names)
     image, gt = _first(folder, folder.name), _first(folder, "GT")
     if image is not None and gt is not None:
@@ -136,7 +143,7 @@ def _case_in(folder: Path, parent: Path) -> Case | None:
     return None
 
 
-def _flat_cases(root: Path) -> list[Case]:
+def _flat_cases(root: Path, require_labels: bool = True) -> list[Case]:
     names = _names_near(root)
     found = []
     for p in sorted(root.iterdir()):
@@ -144,28 +151,31 @@ def _flat_cases(root: Path) -> list[Case]:
         if p.is_file() and stem != p.name and stem.endswith("_image"):
             base = stem[: -len("_image")]
             lab = _first(root, f"{base}_label") or _first(root, f"{base}_labels")
-            if lab is not None:
+            if lab is not None or not require_labels:
                 found.append(Case(base, p, lab, names))
     img_dir, lab_dir = root / "images", root / "labels"
-    if not found and img_dir.is_dir() and lab_dir.is_dir():
+    if not found and img_dir.is_dir() and (lab_dir.is_dir() or not require_labels):
         for p in sorted(img_dir.iterdir()):
             stem = _stem(p)
-            lab = _first(lab_dir, stem) if stem != p.name else None
-            if lab is not None:
+            lab = _first(lab_dir, stem) if stem != p.name and lab_dir.is_dir() else None
+            if stem != p.name and (lab is not None or not require_labels):
                 found.append(Case(stem, p, lab, names))
     return found
 
 
-def discover_cases(root: str | Path) -> list[Case]:
-    """The cases in folder ``root``, sorted by name; [] when it holds none (or is not a folder)."""
+def discover_cases(root: str | Path, *, require_labels: bool = True) -> list[Case]:
+    """The cases in folder ``root``, sorted by name; [] when it holds none (or is not a folder).
+
+    ``require_labels=False`` also keeps image-only cases (their ``labels`` is None)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    one = _case_in(root, root.parent)
+    one = _case_in(root, root.parent, require_labels)
     if one is not None:
         return [one]
-    found = [c for sub in sorted(p for p in root.iterdir() if p.is_dir()) if (c := _case_in(sub, root))]
-    found = found or _flat_cases(root)
+    subs = sorted(p for p in root.iterdir() if p.is_dir())
+    found = [c for sub in subs if (c := _case_in(sub, root, require_labels))]
+    found = found or _flat_cases(root, require_labels)
     seen: set[str] = set()
     for c in found:
         if c.name in seen:
@@ -180,6 +190,7 @@ def find_cases(
     cases: Sequence[str] | None = None,
     reference: str | Path | None = None,
     names_file: str | Path | None = None,
+    require_labels: bool = True,
 ) -> list[Case]:
     """The cases under ``data`` (see the module docstring for the layouts).
 
@@ -189,6 +200,7 @@ def find_cases(
         cases: keep only these case names (in this order); unknown names are an error.
         reference: label volume for an image-file ``data``.
         names_file: id -> name JSON overriding the ``labels.json`` found next to the data.
+        require_labels: False = also image-only cases (``labels`` None), for labelling new data.
 
     Raises :class:`InputError` when nothing usable is found.
     """
@@ -199,6 +211,8 @@ def find_cases(
     if not root.exists():
         raise InputError(f"--data '{root}' does not exist")
     if root.is_file():
+        if reference is None and not require_labels:
+            return _select([Case(_stem(root), root, None, _names_near(root.parent))], names, cases)
         if reference is None:
             raise InputError(f"--data '{root}' is an image file: give its label volume with --reference")
         ref = Path(reference)
@@ -208,9 +222,14 @@ def find_cases(
     else:
         if reference is not None:
             raise InputError("--reference applies only when --data is an image file")
-        found = discover_cases(root)
+        found = discover_cases(root, require_labels=require_labels)
         if not found:
             raise InputError(f"--data '{root}': no cases found; {_EXPECTED}")
+    return _select(found, names, cases)
+
+
+def _select(found: list[Case], names: Path | None, cases: Sequence[str] | None) -> list[Case]:
+    """``found`` with the names file ``names`` (if any), restricted to ``cases`` (in that order)."""
     if names is not None:
         found = [Case(c.name, c.image, c.labels, names) for c in found]
     if cases:
