@@ -138,17 +138,20 @@ def cross_centre_t(points: torch.Tensor) -> torch.Tensor:
     return torch.where(parallel[:, None], points.mean(dim=1), centre)
 
 
-def _segment_terms(
+def _segment_sq_distance(
     p: torch.Tensor,
     q: torch.Tensor,
     c: torch.Tensor,
     xs: torch.Tensor,
     ys: torch.Tensor,
     sigma_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to segment (p, q) and per-pixel sigma, float32 (B, S, S).
+) -> torch.Tensor:
+    """``(dist / sigma)**2`` to segment (p, q), float32 (B, S, S), as
+    :func:`cmdeploy.guidance.segment_sq_distance`.
 
     ``p``, ``q``, ``c`` are (B, 2) in the geometry dtype; ``xs`` (1, 1, S), ``ys`` (1, S, 1) float32.
+    The same float32 operations as the NumPy path (outer sums, clip, ``1 / sigma**2`` by side of c
+    with the 1e-3 px level band), densely.
     """
     d = q - p
     length = _norm(d)
@@ -160,23 +163,25 @@ def _segment_terms(
     uy = _f32(unit[:, 1])[:, None, None]
     rx = xs - _f32(p[:, 0])[:, None, None]  # (B, 1, S)
     ry = ys - _f32(p[:, 1])[:, None, None]  # (B, S, 1)
-    along = rx * ux + ry * uy  # (B, S, S): position along S from p
+    along = ry * uy + rx * ux  # (B, S, S): position along S from p
     perp = ry * ux - rx * uy
     length32 = _f32(length)[:, None, None]
     beyond = along - torch.minimum(torch.clamp(along, min=0.0), length32)
-    dist = torch.sqrt(perp * perp + beyond * beyond)
+    dist2 = perp * perp + beyond * beyond
     if sigma_mode == "half":
-        sigma = _f32(torch.clamp(length / 2.0, min=_MIN_SIGMA))[:, None, None]
-        return dist, sigma.expand_as(dist)
+        half = torch.clamp(length / 2.0, min=_MIN_SIGMA)
+        return dist2 * _f32(1.0 / (half * half))[:, None, None]
     sig_p = torch.clamp(_norm(c - p), min=_MIN_SIGMA)
     sig_q = torch.clamp(_norm(c - q), min=_MIN_SIGMA)
-    # signed position along S measured from c: < 0 on p's side, > 0 on q's side
-    side = (xs - _f32(c[:, 0])[:, None, None]) * ux + (ys - _f32(c[:, 1])[:, None, None]) * uy
-    sp = _f32(sig_p)[:, None, None]
-    sq = _f32(sig_q)[:, None, None]
-    tie = _f32((sig_p + sig_q) / 2.0)[:, None, None]
-    sigma = torch.where(side < -_TIE_EPS, sp, torch.where(side > _TIE_EPS, sq, tie))
-    return dist, sigma
+    tie = (sig_p + sig_q) / 2.0
+    # position of c along S from p; pixels before t_c - 1e-3 are on p's side, after t_c + 1e-3 on q's
+    t_c = (c[:, 0] - p[:, 0]) * unit[:, 0] + (c[:, 1] - p[:, 1]) * unit[:, 1]
+    lo = _f32(t_c - _TIE_EPS)[:, None, None]
+    hi = _f32(t_c + _TIE_EPS)[:, None, None]
+    k_p = _f32(1.0 / (sig_p * sig_p))[:, None, None]
+    k_q = _f32(1.0 / (sig_q * sig_q))[:, None, None]
+    k_tie = _f32(1.0 / (tie * tie))[:, None, None]
+    return dist2 * torch.where(along < lo, k_p, torch.where(along > hi, k_q, k_tie))
 
 
 def confidence_map_t(
@@ -185,31 +190,29 @@ def confidence_map_t(
     """Tensor version of :func:`cmdeploy.guidance.confidence_map` on an (S, S) grid: float32 (B, S, S).
 
     ``points`` (B, 4, 2), order left, right, top, bottom, each (x, y) in crop pixels; float64 for
-    the NumPy path's exact arithmetic, float32 for a TensorRT-friendly graph.
+    the NumPy path's exact arithmetic, float32 for a TensorRT-friendly graph. With ``a = d_A**2``,
+    ``b = d_B**2`` the paper's map is ``1 / (1 + sqrt(min(a, b) * (a + b)))``, as in NumPy.
     """
     xs = torch.arange(size, dtype=torch.float32)[None, None, :]
     ys = torch.arange(size, dtype=torch.float32)[None, :, None]
     c = cross_centre_t(points)
     sigma_mode = "half" if variant == "authors" else "side"
-    dist_a, sig_a = _segment_terms(points[:, 0], points[:, 1], c, xs, ys, sigma_mode)
-    dist_b, sig_b = _segment_terms(points[:, 2], points[:, 3], c, xs, ys, sigma_mode)
-    d_a = dist_a / sig_a
-    d_b = dist_b / sig_b
+    a = _segment_sq_distance(points[:, 0], points[:, 1], c, xs, ys, sigma_mode)
+    b = _segment_sq_distance(points[:, 2], points[:, 3], c, xs, ys, sigma_mode)
     if variant == "paper":
-        d1 = torch.minimum(d_a, d_b)
-        d2 = torch.sqrt(d_a * d_a + d_b * d_b)
-        return 1.0 / (1.0 + d1 * d2)
+        return 1.0 / (1.0 + torch.sqrt(torch.minimum(a, b) * (a + b)))
     if variant == "authors":
         t = 7.0 if tau is None else float(tau)
-        out = 1.0 / (1.0 + t * torch.minimum(d_a, d_b) * (d_a + d_b))
+        d_a, d_b = torch.sqrt(a), torch.sqrt(b)
+        out = 1.0 / (1.0 + torch.minimum(d_a, d_b) * t * (d_a + d_b))
         lo = out.amin(dim=(1, 2), keepdim=True)
         hi = out.amax(dim=(1, 2), keepdim=True)
         return (out - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     t = 1.0 if tau is None else float(tau)
     if variant == "chebyshev":
-        d = torch.maximum(d_a, d_b)
+        d = torch.sqrt(torch.maximum(a, b))
     elif variant == "mahalanobis":
-        d = torch.sqrt(d_a * d_a + d_b * d_b)
+        d = torch.sqrt(a + b)
     else:
         raise ValueError(f"unknown confidence-map variant {variant!r}")
     return (d <= t).to(torch.float32)
