@@ -36,7 +36,7 @@ import numpy as np
 
 from cmdeploy.backends.base import Runner, batch_chunks, run_batched
 from cmdeploy.errors import InputError, ModelError
-from cmdeploy.geometry import CropTransform, sample_bilinear
+from cmdeploy.geometry import CropTransform, paste_window
 from cmdeploy.guidance import validate_points
 from cmdeploy.hashing import file_sha256
 from cmdeploy.preprocess import prepare_batch, sigmoid
@@ -111,38 +111,6 @@ def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -
             f"(x must be in [0, {w - 1}], y in [0, {h - 1}]): {pts.tolist()}"
         )
     return pts.astype(np.float32)
-
-
-def _axis_samples(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """1-D bilinear taps along one axis, exactly as :func:`cmdeploy.geometry.sample_bilinear`."""
-    inside = (coords >= 0) & (coords <= n - 1)
-    c = np.clip(coords, 0, n - 1)
-    lo = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
-    hi = np.minimum(lo + 1, n - 1)
-    return lo, hi, (c - lo).astype(np.float32), inside
-
-
-def _resample_window(crop: np.ndarray, matrix: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Bilinear samples of an (S, S) crop at the crop images of slice pixels ``ys x xs``.
-
-    ``matrix`` maps slice (x, y) -> crop (u, v); 0 where a pixel maps outside the crop. Equal to
-    :func:`cmdeploy.geometry.paste_back` on that window; axis-aligned maps (no rotation, the
-    inference case) take a separable path that gathers rows and columns instead of every pixel.
-    """
-    m = matrix
-    if m[0, 1] != 0 or m[1, 0] != 0:  # rotated: general 2-D sampling
-        us = m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2]
-        vs = m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2]
-        return sample_bilinear(crop, us, vs, fill=0.0)
-    h, w = crop.shape
-    x0, x1, fx, in_x = _axis_samples(m[0, 0] * xs + m[0, 2], w)
-    y0, y1, fy, in_y = _axis_samples(m[1, 1] * ys + m[1, 2], h)
-    # same operation order as sample_bilinear (x first, then y), so results match bit for bit
-    along_x = crop[:, x0] * (1 - fx) + crop[:, x1] * fx  # (S, w_win)
-    out = along_x[y0] * (1 - fy)[:, None] + along_x[y1] * fy[:, None]
-    out[~in_y] = 0.0
-    out[:, ~in_x] = 0.0
-    return out.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -353,19 +321,7 @@ class Segmenter:
         h, w = batch.slice_shapes[i]
         if self.fused:
             return output[i], (slice(0, h), slice(0, w))
-        t = batch.transforms[i]
-        s = t.crop_size
-        corners = t.to_slice(np.array([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]], np.float64))
-        x0 = max(int(np.floor(corners[:, 0].min())), 0)
-        x1 = min(int(np.ceil(corners[:, 0].max())), w - 1) + 1
-        y0 = max(int(np.floor(corners[:, 1].min())), 0)
-        y1 = min(int(np.ceil(corners[:, 1].max())), h - 1) + 1
-        if x0 >= x1 or y0 >= y1:
-            return np.zeros((0, 0), np.float32), (slice(0, 0), slice(0, 0))
-        xs = np.arange(x0, x1, dtype=np.float64)
-        ys = np.arange(y0, y1, dtype=np.float64)
-        probs = _resample_window(np.asarray(output[i], np.float32), t.matrix, xs, ys)
-        return probs, (slice(y0, y1), slice(x0, x1))
+        return paste_window(np.asarray(output[i], np.float32), batch.transforms[i], (h, w))
 
     def _infer_plain(self, batch: PreparedBatch) -> np.ndarray:
         x = batch.inputs

@@ -94,22 +94,38 @@ def crop_geometry(
     return zoom, offset
 
 
-def _sample(
-    image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, height: Any, width: Any, fill: float
-) -> torch.Tensor:
-    """Bilinear samples of (B, 1, H, W) float32 ``image`` at (B, h, w) pixel coords -> (B, h, w) float32.
+def _axis_taps_t(coords: torch.Tensor, n: Any) -> tuple[torch.Tensor, ...]:
+    """1-D bilinear taps ``(lo, hi, frac, inside)`` along an axis of ``n`` pixels, (B, k) each, as
+    :func:`cmdeploy.geometry.sample_grid` makes them (tested in the coordinates' own dtype)."""
+    nm1 = (n - 1).to(coords.dtype) if torch.is_tensor(n) else float(n - 1)
+    inside = (coords >= 0) & (coords <= nm1)
+    c = torch.minimum(torch.clamp(coords, min=0.0), torch.full_like(coords, 1.0) * nm1)
+    top = torch.clamp(n - 2, min=0) if torch.is_tensor(n) else max(n - 2, 0)
+    lo = torch.minimum(torch.floor(c).to(torch.int64), torch.ones_like(c, dtype=torch.int64) * top)
+    hi = torch.minimum(lo + 1, torch.ones_like(lo) * (n - 1))
+    frac = (c - lo.to(c.dtype)).to(torch.float32)
+    return lo, hi, frac, inside
 
-    As :func:`cmdeploy.geometry.sample_bilinear`: coordinates outside ``[0, W-1] x [0, H-1]`` (tested
-    in the coordinates' own dtype) get ``fill``; inside ones are interpolated by ``GridSample``
-    (``align_corners=True``; border padding only ever feeds the exact edge).
+
+def _sample_grid_t(image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill: float) -> torch.Tensor:
+    """Bilinear samples of (B, H, W) float32 ``image`` on each item's grid ``ys[b] x xs[b]`` ->
+    (B, len(ys), len(xs)) float32; ``fill`` outside ``[0, W-1] x [0, H-1]``.
+
+    The separable scheme and float32 operation order of :func:`cmdeploy.geometry.sample_grid`
+    (along x first, then y), with ``GatherElements`` instead of 2-D sampling: no per-pixel
+    coordinate tensors, no ``GridSample``.
     """
-    wm1 = (width - 1).to(xs.dtype) if torch.is_tensor(width) else float(width - 1)
-    hm1 = (height - 1).to(ys.dtype) if torch.is_tensor(height) else float(height - 1)
-    inside = (xs >= 0) & (xs <= wm1) & (ys >= 0) & (ys <= hm1)
-    grid = torch.stack([xs * (2.0 / wm1) - 1.0, ys * (2.0 / hm1) - 1.0], dim=-1).to(torch.float32)
-    out = nn.functional.grid_sample(
-        image, grid, mode="bilinear", padding_mode="border", align_corners=True
-    )[:, 0]
+    b, h, w = image.shape[0], image.shape[1], image.shape[2]
+    x0, x1, fx, in_x = _axis_taps_t(xs, w)
+    y0, y1, fy, in_y = _axis_taps_t(ys, h)
+    nx, ny = xs.shape[1], ys.shape[1]
+    left = torch.gather(image, 2, x0[:, None, :].expand(b, h, nx))
+    right = torch.gather(image, 2, x1[:, None, :].expand(b, h, nx))
+    along_x = left * (1 - fx)[:, None, :] + right * fx[:, None, :]  # (B, H, nx)
+    top = torch.gather(along_x, 1, y0[:, :, None].expand(b, ny, nx))
+    bottom = torch.gather(along_x, 1, y1[:, :, None].expand(b, ny, nx))
+    out = top * (1 - fy)[:, :, None] + bottom * fy[:, :, None]
+    inside = in_y[:, :, None] & in_x[:, None, :]
     return torch.where(inside, out, torch.full_like(out, fill))
 
 
@@ -278,17 +294,13 @@ class FusedSegmenter(nn.Module):
         height, width = slices.shape[1], slices.shape[2]
         pts = points.to(self.gdtype)
         zoom, offset = crop_geometry(pts, spec.target_size, s)  # (B,), (B, 2)
-        z = zoom[:, None, None]
-        off_x = offset[:, 0, None, None]
-        off_y = offset[:, 1, None, None]
-
-        # crop: slice coordinates of every crop pixel, through the inverse matrix
-        # (1/z, -(1/z) * off), as cmdeploy.geometry.warp_affine
-        rz = 1.0 / z
-        u = self.crop_grid
-        xs = (rz * u[None, None, :] + (-(rz * off_x))).expand(-1, s, s)
-        ys = (rz * u[None, :, None] + (-(rz * off_y))).expand(-1, s, s)
-        crop_hu = _sample(slices[:, None], xs, ys, height, width, spec.pad_hu)
+        # crop: slice coordinates of the crop's columns and rows, through the inverse matrix
+        # (1/z, -(1/z) * off), as cmdeploy.geometry.warp_affine; then separable sampling
+        rz = 1.0 / zoom[:, None]
+        u = self.crop_grid[None, :]
+        xs = rz * u + (-(rz * offset[:, 0, None]))  # (B, S)
+        ys = rz * u + (-(rz * offset[:, 1, None]))
+        crop_hu = _sample_grid_t(slices, xs, ys, spec.pad_hu)
 
         lo, hi = spec.window
         image = (torch.clamp(crop_hu, lo, hi) - lo) / (hi - lo)
@@ -298,14 +310,14 @@ class FusedSegmenter(nn.Module):
         net_in = torch.cat([image[:, None], guidance_t(points_crop, spec)], dim=1)
         crop_probs = torch.sigmoid(self.network(net_in))  # (B, 1, S, S)
 
-        # paste back: crop coordinates of every slice pixel, through the forward matrix
+        # paste back: crop coordinates of the slice's columns and rows, through the forward matrix,
+        # then separable sampling of the crop probabilities (cmdeploy.geometry.paste_window)
         # integer Range + Cast: TensorRT's parser takes a float Range only with constant bounds
         gx = torch.arange(width).to(self.gdtype)
         gy = torch.arange(height).to(self.gdtype)
-        us = z * gx[None, None, :] + off_x  # (B, 1, W)
-        vs = z * gy[None, :, None] + off_y  # (B, H, 1)
-        us, vs = torch.broadcast_tensors(us, vs)
-        probs = _sample(crop_probs, us, vs, s, s, 0.0)
+        us = zoom[:, None] * gx[None, :] + offset[:, 0, None]  # (B, W)
+        vs = zoom[:, None] * gy[None, :] + offset[:, 1, None]  # (B, H)
+        probs = _sample_grid_t(crop_probs[:, 0], us, vs, 0.0)
         if self.debug:
             return probs, net_in, crop_probs[:, 0]
         return probs
