@@ -194,6 +194,7 @@ class Segmenter:
         threads: int | None = None,
         batch_size: int = 16,
         device: str = "cpu",
+        spinning: bool | None = None,
     ) -> Segmenter:
         """Load a model and its :class:`ModelSpec`.
 
@@ -204,6 +205,8 @@ class Segmenter:
             threads: onnxruntime intra-op threads (None = one per core).
             batch_size: most objects per model call.
             device: onnxruntime device, ``"cpu"`` or ``"cuda"``.
+            spinning: onnxruntime's idle worker threads busy-wait (None = onnxruntime's default, on;
+                :mod:`cmdeploy.pipeline` measures and picks its own, see ``docs/results.md``).
 
         Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
         """
@@ -237,7 +240,7 @@ class Segmenter:
                 raise ModelError(f"{path.name} is a TensorRT engine; use backend 'tensorrt'")
             from cmdeploy.backends.onnxruntime import OnnxRuntimeRunner
 
-            runner = OnnxRuntimeRunner(path, threads=threads, device=device)
+            runner = OnnxRuntimeRunner(path, threads=threads, device=device, spinning=spinning)
             try:
                 spec = ModelSpec.from_metadata(runner.metadata)
             except (ValueError, TypeError) as exc:
@@ -435,6 +438,14 @@ class Segmenter:
             batch = self.prepare(slice_list[a:b], pts[a:b])
             out = self.infer(batch)
             for i in range(len(batch)):
-                p = self.slice_probabilities(batch, out, i)
-                results.append(p if return_probabilities else self.to_mask(p, batch.points[i]))
+                probs, window = self.slice_window(batch, out, i)
+                if return_probabilities:
+                    full = probs if self.fused else np.zeros(batch.slice_shapes[i], np.float32)
+                else:  # threshold (and post-process) only the crop's footprint
+                    origin = (window[1].start or 0, window[0].start or 0)
+                    probs = self.to_mask(probs, batch.points[i], origin)
+                    full = np.zeros(batch.slice_shapes[i], bool)
+                if full is not probs:
+                    full[window] = probs
+                results.append(full)
         return results

@@ -95,16 +95,34 @@ def crop_geometry(
 
 
 def _axis_taps_t(coords: torch.Tensor, n: Any) -> tuple[torch.Tensor, ...]:
-    """1-D bilinear taps ``(lo, hi, frac, inside)`` along an axis of ``n`` pixels, (B, k) each, as
-    :func:`cmdeploy.geometry.sample_grid` makes them (tested in the coordinates' own dtype)."""
+    """1-D bilinear taps along an axis of ``n`` pixels for (B, k) coordinates, as
+    :func:`cmdeploy.geometry.sample_grid` makes them: ``(lo, hi, w_lo, w_hi, inside)``.
+
+    ``lo``/``hi`` are int64 pixel indices, ``w_lo = (1 - frac) * inside`` and ``w_hi = frac *
+    inside`` float32 weights (exactly ``1 - frac`` and ``frac`` inside, 0 outside, so a sample
+    outside the axis comes out 0 without a per-pixel select); ``inside`` float32 0/1. Inside-ness
+    is tested in the coordinates' own dtype.
+    """
     nm1 = (n - 1).to(coords.dtype) if torch.is_tensor(n) else float(n - 1)
-    inside = (coords >= 0) & (coords <= nm1)
+    inside = ((coords >= 0) & (coords <= nm1)).to(torch.float32)
     c = torch.minimum(torch.clamp(coords, min=0.0), torch.full_like(coords, 1.0) * nm1)
     top = torch.clamp(n - 2, min=0) if torch.is_tensor(n) else max(n - 2, 0)
     lo = torch.minimum(torch.floor(c).to(torch.int64), torch.ones_like(c, dtype=torch.int64) * top)
     hi = torch.minimum(lo + 1, torch.ones_like(lo) * (n - 1))
     frac = (c - lo.to(c.dtype)).to(torch.float32)
-    return lo, hi, frac, inside
+    return lo, hi, (1 - frac) * inside, frac * inside, inside
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, i, :] = rows[b, index[b, i], :]`` for (B, R, L) ``rows`` and (B, k) int64 ``index``.
+
+    One ``Gather`` of whole rows from the (B * R, L) view (flat index ``b * R + index``): no
+    per-element index tensors (``GatherElements`` would need a (B, k, L) int64 index).
+    """
+    b, r, length = rows.shape[0], rows.shape[1], rows.shape[2]
+    flat = index + torch.arange(b, dtype=torch.int64)[:, None] * r
+    picked = torch.index_select(rows.reshape(b * r, length), 0, flat.reshape(-1))
+    return picked.reshape(b, index.shape[1], length)
 
 
 def _sample_grid_t(image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill: float) -> torch.Tensor:
@@ -112,21 +130,19 @@ def _sample_grid_t(image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill
     (B, len(ys), len(xs)) float32; ``fill`` outside ``[0, W-1] x [0, H-1]``.
 
     The separable scheme and float32 operation order of :func:`cmdeploy.geometry.sample_grid`
-    (along x first, then y), with ``GatherElements`` instead of 2-D sampling: no per-pixel
-    coordinate tensors, no ``GridSample``.
+    (along x over every row first, then along y): whole-row ``Gather`` ops on the transposed image,
+    then of the x-interpolated rows; outside samples are zeroed through the tap weights and get
+    ``fill`` added. No ``GridSample``, no per-pixel coordinates or selects.
     """
-    b, h, w = image.shape[0], image.shape[1], image.shape[2]
-    x0, x1, fx, in_x = _axis_taps_t(xs, w)
-    y0, y1, fy, in_y = _axis_taps_t(ys, h)
-    nx, ny = xs.shape[1], ys.shape[1]
-    left = torch.gather(image, 2, x0[:, None, :].expand(b, h, nx))
-    right = torch.gather(image, 2, x1[:, None, :].expand(b, h, nx))
-    along_x = left * (1 - fx)[:, None, :] + right * fx[:, None, :]  # (B, H, nx)
-    top = torch.gather(along_x, 1, y0[:, :, None].expand(b, ny, nx))
-    bottom = torch.gather(along_x, 1, y1[:, :, None].expand(b, ny, nx))
-    out = top * (1 - fy)[:, :, None] + bottom * fy[:, :, None]
-    inside = in_y[:, :, None] & in_x[:, None, :]
-    return torch.where(inside, out, torch.full_like(out, fill))
+    x0, x1, wx0, wx1, in_x = _axis_taps_t(xs, image.shape[2])
+    y0, y1, wy0, wy1, in_y = _axis_taps_t(ys, image.shape[1])
+    columns = image.transpose(1, 2)  # (B, W, H): a column of the image per row
+    along_x = _gather_rows(columns, x0) * wx0[:, :, None] + _gather_rows(columns, x1) * wx1[:, :, None]
+    rows = along_x.transpose(1, 2)  # (B, H, nx)
+    out = _gather_rows(rows, y0) * wy0[:, :, None] + _gather_rows(rows, y1) * wy1[:, :, None]
+    if fill != 0.0:
+        out = out + fill * (1.0 - in_y[:, :, None] * in_x[:, None, :])
+    return out
 
 
 # ------------------------------------------------------------------------------ guidance
@@ -197,7 +213,12 @@ def _segment_sq_distance(
     k_p = _f32(1.0 / (sig_p * sig_p))[:, None, None]
     k_q = _f32(1.0 / (sig_q * sig_q))[:, None, None]
     k_tie = _f32(1.0 / (tie * tie))[:, None, None]
-    return dist2 * torch.where(along < lo, k_p, torch.where(along > hi, k_q, k_tie))
+    # the side's 1 / sigma**2 by 0/1 masks (exact: one product is k, the others 0), which onnxruntime
+    # runs far faster than a broadcast Where
+    on_p = (along < lo).to(torch.float32)
+    on_q = (along > hi).to(torch.float32)
+    k = on_p * k_p + on_q * k_q + (1.0 - on_p - on_q) * k_tie
+    return dist2 * k
 
 
 def confidence_map_t(
