@@ -78,6 +78,9 @@ def test_predict_equals_predict_batch(seg: Segmenter) -> None:
     for img, pts, pb, mb in zip(items_s, items_p, batch, masks, strict=True):
         np.testing.assert_array_equal(seg.predict(img, pts, return_probabilities=True), pb)
         np.testing.assert_array_equal(seg.predict(img, pts), mb)
+        # masks are thresholded on the crop's footprint only: the same as on the whole slice
+        np.testing.assert_array_equal(mb, pb > seg.threshold)
+        assert mb.dtype == bool and mb.shape == img.shape
     # stacked (N, H, W) slices and one shared 2-D slice give the same as lists
     same = [slices[0]] * 3
     ref = seg.predict_batch(same, items_p[:3])
