@@ -224,17 +224,20 @@ def bench_end_to_end(model: Path, series: MemorySeries, rows: list[Row], batch: 
         prepared = [seg.prepare(slices[a : a + batch], pts[a : a + batch]) for a in starts]
         seg.infer(prepared[0])
         seg.predict_batch(slices[:batch], pts[:batch])
-        times: dict[str, list[float]] = {"model": [], "predict_batch": [], "pipeline": []}
+        times: dict[str, list[float]] = {"model": [], "predict_batch": [], "predict_batch_sequential": [],
+                                          "pipeline": []}
         for _ in range(repeats):
             time.sleep(GAP_S)
             t0 = time.perf_counter()
             for p in prepared:
                 seg.infer(p)
             times["model"].append(time.perf_counter() - t0)
-            time.sleep(GAP_S)
-            t0 = time.perf_counter()
-            seg.predict_batch(slices, pts)
-            times["predict_batch"].append(time.perf_counter() - t0)
+            for key, overlap in (("predict_batch", True), ("predict_batch_sequential", False)):
+                seg.overlap = overlap
+                time.sleep(GAP_S)
+                t0 = time.perf_counter()
+                seg.predict_batch(slices, pts)
+                times[key].append(time.perf_counter() - t0)
             time.sleep(GAP_S)
             t0 = time.perf_counter()
             run_pipeline(seg, series, rows, batch_size=batch)
@@ -248,6 +251,8 @@ def bench_end_to_end(model: Path, series: MemorySeries, rows: list[Row], batch: 
     ref = out[0]["model_objects_per_s"]
     for r in out:
         r["predict_batch_share"] = r["predict_batch_objects_per_s"] / r["model_objects_per_s"]
+        r["predict_batch_sequential_share"] = (
+            r["predict_batch_sequential_objects_per_s"] / r["model_objects_per_s"])
         r["pipeline_share"] = r["pipeline_objects_per_s"] / r["model_objects_per_s"]
         r["predict_batch_share_of_first_model"] = r["predict_batch_objects_per_s"] / ref
         r["pipeline_share_of_first_model"] = r["pipeline_objects_per_s"] / ref
@@ -257,7 +262,7 @@ def bench_end_to_end(model: Path, series: MemorySeries, rows: list[Row], batch: 
 def print_end_to_end(rows: list[dict], model: str, batch: int) -> None:
     print(f"\n3. {model} end to end, batch {batch}, objects/s (share of the same session's model-only rate; "
           "in brackets: of the first row's)")
-    head = f"{'model only':>10s} {'predict_batch':>22s} {'run_pipeline':>22s}"
+    head = f"{'model only':>10s} {'predict_batch':>22s} {'(no overlap)':>12s} {'run_pipeline':>22s}"
     print(f"   {'threads':>7s} {'spinning':>8s} {head}")
     for r in rows:
         th = "auto" if r["threads"] is None else str(r["threads"])
@@ -266,7 +271,8 @@ def print_end_to_end(rows: list[dict], model: str, batch: int) -> None:
               f"({r['predict_batch_share_of_first_model'] * 100:3.0f}%)")
         pl = (f"{r['pipeline_objects_per_s']:6.1f} {r['pipeline_share'] * 100:4.0f}% "
               f"({r['pipeline_share_of_first_model'] * 100:3.0f}%)")
-        print(f"   {th:>7s} {sp:>8s} {r['model_objects_per_s']:10.1f} {pb:>22s} {pl:>22s}")
+        seq = f"{r['predict_batch_sequential_share'] * 100:4.0f}%"
+        print(f"   {th:>7s} {sp:>8s} {r['model_objects_per_s']:10.1f} {pb:>22s} {seq:>12s} {pl:>22s}")
     print(f"   target: predict_batch >= {TARGET_SHARE * 100:.0f} % of model only")
 
 

@@ -1,4 +1,4 @@
-"""Fused-preprocessing ONNX: raw HU slices and extreme points in, full-slice probabilities out.
+r"""Fused-preprocessing ONNX: raw HU slices and extreme points in, full-slice probabilities out.
 
 :class:`FusedSegmenter` wraps a trained network with the whole runtime path of
 :mod:`cmdeploy.preprocess` written as tensor operations, so one ONNX graph does what
@@ -6,17 +6,23 @@
 
 1. bounding box of the points, ``z = target_size / max(max(w, h), 1)``, the crop matrix of
    :func:`cmdeploy.geometry.crop_transform` (box centre -> crop centre ``((S-1)/2, (S-1)/2)``),
-2. the slice coordinates of every crop pixel -> ``GridSample`` (bilinear, ``align_corners=True``);
-   samples whose source lies outside ``[0, W-1] x [0, H-1]`` get ``spec.pad_hu`` exactly as
-   :func:`cmdeploy.geometry.sample_bilinear` (an explicit inside mask, not zero-padding blends),
+2. the slice coordinates of the crop's columns and rows (1-D, per object) -> separable bilinear
+   sampling exactly as :func:`cmdeploy.geometry.sample_grid` (the same float32 operations in the
+   same order: along x over every slice row, then along y, by whole-row ``Gather``\s); samples
+   whose source lies outside ``[0, W-1] x [0, H-1]`` get ``spec.pad_hu``,
 3. window + normalisation (:func:`cmdeploy.preprocess.window_normalize`),
 4. the guidance channel(s) from the crop-space points: the confidence map of
    :func:`cmdeploy.guidance.confidence_map` (line intersection with the parallel fallback,
    side-dependent sigma with the tie rule, sigma >= 1 px; every variant) and/or the Gaussians of
    :func:`cmdeploy.guidance.gaussian_heatmap`,
 5. the network, sigmoid,
-6. paste-back: each slice pixel's crop coordinates through the forward matrix -> ``GridSample`` of
-   the crop probabilities, 0 outside the crop (:func:`cmdeploy.geometry.paste_back`).
+6. paste-back: the crop coordinates of the slice's columns and rows through the forward matrix ->
+   the same separable sampling of the crop probabilities, 0 outside the crop
+   (:func:`cmdeploy.geometry.paste_back`).
+
+Issue 18 removed the two ``GridSample``\s: they worked on per-pixel coordinate tensors (float64 at
+slice size for the paste-back), and with the confidence map's broadcast ``Where``\s they made the
+graph slower on CPU than NumPy + the plain model (timings in docs/results.md).
 
 ONNX interface: inputs ``slices`` (B, H, W) float32 HU and ``points`` (B, 4, 2) float32 slice pixels
 (order left, right, top, bottom; each (x = column, y = row)); output ``probabilities`` (B, H, W)
@@ -26,16 +32,16 @@ float32. B, H and W are dynamic. The debug variant adds ``network_input`` (B, C,
 Precision: per-object scalars (box, zoom, crop matrix, crop-space points, line intersection, unit
 vectors, sigmas) run in ``geometry_dtype`` with the NumPy path's operation order, per-pixel maps in
 float32 as there. With ``"float64"`` (default) the in-graph confidence map equals
-:func:`cmdeploy.guidance.confidence_map` to float32 rounding (0 difference on the parity slices);
+:func:`cmdeploy.guidance.confidence_map` to float32 rounding (torch's float32 ``sqrt`` is not
+correctly rounded, onnxruntime's is), and the crop and paste-back samplers equal NumPy's bit for bit;
 ``"float32"`` gives a graph without FP64 tensors for TensorRT (maps within the 1e-4 tolerance of
 ``tests/test_fused.py``; measured differences in docs/results.md); TensorRT has no FP64 and its
-parser would cast a float64 graph to float32 silently. The image channel differs by GridSample's
-float32 interpolation weights.
+parser would cast a float64 graph to float32 silently.
 
 TensorRT-parsable by construction (checked by :mod:`cmdeploy.export.trt_lint` in the tests):
-no ``AffineGrid`` (the crop grid is elementwise arithmetic feeding ``GridSample``), opset
-16..19 (:data:`MAX_FUSED_OPSET`), the dynamic pixel grids as an integer ``Range`` followed by a
-``Cast``, and with ``"float32"`` geometry no FP64.
+no ``AffineGrid`` or ``GridSample`` (1-D coordinates, ``Gather`` of whole rows), opset 16..19
+(:data:`MAX_FUSED_OPSET`, kept from the ``GridSample`` graph), the dynamic pixel grids as an integer
+``Range`` followed by a ``Cast``, and with ``"float32"`` geometry no FP64.
 
 Built with ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter traces the dynamic H/W
 arithmetic into ``Shape``/``Range`` nodes), then constant-folded with onnx-graphsurgeon.

@@ -95,6 +95,27 @@ def test_predict_equals_predict_batch(seg: Segmenter) -> None:
     assert seg.predict_batch([], []) == []
 
 
+def test_overlapped_preparation_gives_the_same_results(seg: Segmenter) -> None:
+    """predict_batch prepares batch k+1 in a worker thread while batch k runs: same outputs, same order."""
+    rng = np.random.default_rng(8)
+    img = _slice((96, 128), 4)
+    pts = []
+    for _ in range(8):  # batch_size 3: three batches
+        x0, y0 = rng.uniform(4, 40, 2)
+        corners = [[x0, y0 + 20], [x0 + 50, y0 + 21], [x0 + 25, y0], [x0 + 24, y0 + 45]]
+        pts.append(np.array(corners, np.float32))
+    assert seg.batch_size < len(pts)
+    try:
+        seg.overlap = True
+        overlapped = seg.predict_batch([img] * len(pts), pts, return_probabilities=True)
+        seg.overlap = False
+        sequential = seg.predict_batch([img] * len(pts), pts, return_probabilities=True)
+    finally:
+        del seg.overlap  # back to the class default
+    for a, b in zip(overlapped, sequential, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_plain_model_matches_numpy_reference(seg: Segmenter, plain_model_path: Path) -> None:
     """Probabilities = sigmoid(onnxruntime(prepare_batch(...))) pasted back with geometry.paste_back."""
     import onnxruntime as ort
