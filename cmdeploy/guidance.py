@@ -258,6 +258,7 @@ def segment_sq_distance(
 
 
 _SCRATCH = threading.local()
+_SCRATCH_MAX_PIXELS = 1024 * 1024
 
 
 def _scratch(h: int, w: int) -> list[np.ndarray]:
@@ -266,6 +267,8 @@ def _scratch(h: int, w: int) -> list[np.ndarray]:
     Fresh multi-megabyte arrays cost a page fault per 4 KiB on first touch, which on small VMs
     took longer than computing the map; reusing them keeps every pass in warm memory.
     """
+    if h * w > _SCRATCH_MAX_PIXELS:  # not kept: a thread would hold 12+ MB for one odd call
+        return [np.empty((h, w), np.float32) for _ in range(3)]
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None or bufs[0].shape != (h, w):
         bufs = [np.empty((h, w), np.float32) for _ in range(3)]
