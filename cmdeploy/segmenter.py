@@ -49,6 +49,8 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 FUSED_INPUTS = ("slices", "points")
 # predict_batch prepares the next batch while the model runs (measured in benchmarks/bench_prepare.py)
 OVERLAP_DEFAULT = True
+# onnxruntime intra-op workers sleep when idle instead of spinning (measured there too)
+SPINNING_DEFAULT = False
 # how far (pixels) a point may lie outside the pixel-centre grid [0, W-1] x [0, H-1]
 POINT_MARGIN = 0.5
 
@@ -202,7 +204,7 @@ class Segmenter:
         threads: int | None = None,
         batch_size: int = 16,
         device: str = "cpu",
-        spinning: bool | None = None,
+        spinning: bool | None = SPINNING_DEFAULT,
     ) -> Segmenter:
         """Load a model and its :class:`ModelSpec`.
 
@@ -213,8 +215,10 @@ class Segmenter:
             threads: onnxruntime intra-op threads (None = one per core).
             batch_size: most objects per model call.
             device: onnxruntime device, ``"cpu"`` or ``"cuda"``.
-            spinning: onnxruntime's idle worker threads busy-wait (None = onnxruntime's default, on;
-                :mod:`cmdeploy.pipeline` measures and picks its own, see ``docs/results.md``).
+            spinning: onnxruntime's idle worker threads busy-wait (None = onnxruntime's own default,
+                on). Off by default: on 2 cores the spinning workers took the core the overlapped
+                preparation needs, and slowed the model itself when other jobs ran
+                (``benchmarks/bench_prepare.py``, ``docs/results.md``).
 
         Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
         """
