@@ -1,14 +1,17 @@
-"""Benchmark: cmdeploy.guidance.confidence_map (vectorised NumPy, float32) against a literal float64
-per-pixel transcription of the paper's Algorithm 1 (``benchmarks/literal_algorithm1.py``).
+"""Benchmark: cmdeploy.guidance.confidence_map (NumPy, float32) against a straightforward vectorised
+float64 transcription of the paper's Algorithm 1 (``confidence_map_vectorised64`` in
+``benchmarks/literal_algorithm1.py``), side by side in one run.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_guidance.py [--size 512] [--batch 16] [--json out.json]
 
-Prints a table of timings and the speed-up, and asserts that the two agree to 1e-5 on the same grid.
-The literal version runs once on the full grid; if a 64 x 64 probe predicts more than
-``--literal-budget`` seconds for that, it runs on a 128 x 128 grid instead and its time is scaled per
-pixel (labelled ``scaled`` in the table).
+Prints timings (minimum and median of ``--repeats`` calls, the two implementations interleaved so
+that load from other processes hits both alike) and the speed-up (target >= 10x at 512 x 512), and
+checks the maps: ``max |ours - float64|`` outside the documented tie band (pixels within 1e-3 px of
+the line through c perpendicular to a segment, where sigma switches sides) must be <= 1e-5. The
+literal per-pixel loop (``confidence_map_literal``) is run once on a 64 x 64 grid to show that the
+vectorised float64 baseline is Algorithm 1 (difference ~1e-16).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from literal_algorithm1 import confidence_map_literal  # noqa: E402
+from literal_algorithm1 import confidence_map_literal, confidence_map_vectorised64  # noqa: E402
 
-from cmdeploy.guidance import confidence_map, gaussian_heatmap  # noqa: E402
+from cmdeploy.guidance import confidence_map, cross_centre, gaussian_heatmap  # noqa: E402
 
 TOLERANCE = 1e-5
+TARGET_SPEEDUP = 10.0
+TIE_BAND_PX = 1e-3
 
 
 def object_points(size: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -43,87 +48,109 @@ def object_points(size: int, rng: np.random.Generator | None = None) -> np.ndarr
     return base
 
 
-def time_calls(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def tie_band(points: np.ndarray, shape: tuple[int, int], tol: float = TIE_BAND_PX) -> np.ndarray:
+    """bool (H, W): pixels within ``tol`` px of the line through c perpendicular to A or to B."""
+    pts = np.asarray(points, np.float64)
+    c = cross_centre(pts[None])[0]
+    ys, xs = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    band = np.zeros(shape, bool)
+    for i, j in ((0, 1), (2, 3)):
+        d = pts[j] - pts[i]
+        n = float(np.hypot(*d))
+        if n > 0:
+            band |= np.abs((xs - c[0]) * d[0] + (ys - c[1]) * d[1]) / n <= tol
+    return band
+
+
+def time_pair(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, interleaved (one call of each per round) after a warm-up."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[k].append(time.perf_counter() - t0)
+    return out
 
 
-def run(size: int, batch: int, repeats: int, literal_budget: float) -> dict:
+def run(size: int, batch: int, repeats: int) -> dict:
     shape = (size, size)
-    pts = object_points(size)
     rng = np.random.default_rng(0)
+    pts = object_points(size)
     batch_pts = np.stack([object_points(size, rng) for _ in range(batch)])
+    t = time_pair(
+        {
+            "f64": lambda: confidence_map_vectorised64(pts, shape),
+            "ours": lambda: confidence_map(pts, shape),
+        },
+        repeats,
+    )
+    tb = time_pair(
+        {
+            "f64": lambda: [confidence_map_vectorised64(p, shape) for p in batch_pts],
+            "ours": lambda: confidence_map(batch_pts, shape),
+        },
+        max(2, repeats // 4),
+    )
+    gauss = time_pair({"g": lambda: gaussian_heatmap(pts, shape, sigma=10.0)}, repeats)["g"]
 
-    single = time_calls(lambda: confidence_map(pts, shape), repeats)
-    batched = time_calls(lambda: confidence_map(batch_pts, shape), max(3, repeats // 4))
-    gauss = time_calls(lambda: gaussian_heatmap(pts, shape, sigma=10.0), repeats)
-
-    t0 = time.perf_counter()
-    confidence_map_literal(object_points(64), (64, 64))
-    predicted = (time.perf_counter() - t0) * (size * size) / (64 * 64)
-    lit_size = size if predicted <= literal_budget else min(size, 128)
-    lit_pts = object_points(lit_size)
-    t0 = time.perf_counter()
-    reference = np.array(confidence_map_literal(lit_pts, (lit_size, lit_size)))
-    lit_time = time.perf_counter() - t0
-    lit_scaled = lit_time * (size * size) / (lit_size * lit_size)
-
-    ours = confidence_map(lit_pts, (lit_size, lit_size)).astype(np.float64)
-    max_diff = float(np.abs(ours - reference).max())
-
-    numpy_single = statistics.median(single)
-    numpy_batch = statistics.median(batched)
-    return {
+    diffs = []
+    for p in [pts, *batch_pts]:
+        d = np.abs(confidence_map(p, shape).astype(np.float64) - confidence_map_vectorised64(p, shape))
+        diffs.append(float(np.where(tie_band(p, shape), 0.0, d).max()))
+    small = object_points(64)
+    literal = np.array(confidence_map_literal(small, (64, 64)))
+    literal_diff = float(np.abs(literal - confidence_map_vectorised64(small, (64, 64))).max())
+    r = {
         "size": size,
         "batch": batch,
         "repeats": repeats,
-        "numpy_single_s": numpy_single,
-        "numpy_single_min_s": min(single),
-        "numpy_batch_s": numpy_batch,
-        "numpy_batch_per_map_s": numpy_batch / batch,
-        "gaussian_single_s": statistics.median(gauss),
-        "literal_grid": lit_size,
-        "literal_s": lit_time,
-        "literal_scaled_s": lit_scaled,
-        "literal_scaled": lit_size != size,
-        "speedup_single": lit_scaled / numpy_single,
-        "speedup_batch_per_map": lit_scaled / (numpy_batch / batch),
-        "max_abs_diff": max_diff,
+        "f64_single_min_s": min(t["f64"]),
+        "f64_single_median_s": statistics.median(t["f64"]),
+        "ours_single_min_s": min(t["ours"]),
+        "ours_single_median_s": statistics.median(t["ours"]),
+        "f64_batch_min_s": min(tb["f64"]),
+        "ours_batch_min_s": min(tb["ours"]),
+        "gaussian_single_min_s": min(gauss),
+        "max_abs_diff_outside_tie_band": max(diffs),
+        "literal_vs_f64_64px": literal_diff,
         "tolerance": TOLERANCE,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
+    r["speedup_single_min"] = r["f64_single_min_s"] / r["ours_single_min_s"]
+    r["speedup_single_median"] = r["f64_single_median_s"] / r["ours_single_median_s"]
+    r["speedup_batch_min"] = r["f64_batch_min_s"] / r["ours_batch_min_s"]
+    return r
 
 
 def print_table(r: dict) -> None:
-    s = r["size"]
-    lit_label = f"literal Algorithm 1, float64 loops ({r['literal_grid']}x{r['literal_grid']}"
-    lit_label += ", scaled per pixel)" if r["literal_scaled"] else ")"
+    s, b = r["size"], r["batch"]
+    print(f"confidence map {s}x{s}: {'what':44s} {'min ms':>8s} {'median ms':>10s}")
     rows = [
-        (f"confidence_map NumPy f32, 1 map {s}x{s} (median)", r["numpy_single_s"], 1),
-        (f"confidence_map NumPy f32, batch {r['batch']} x {s}x{s}", r["numpy_batch_s"], r["batch"]),
-        (f"gaussian_heatmap NumPy f32, 1 map {s}x{s}", r["gaussian_single_s"], 1),
-        (lit_label, r["literal_s"], 1),
+        ("vectorised float64 Algorithm 1, 1 map", r["f64_single_min_s"], r["f64_single_median_s"]),
+        ("cmdeploy confidence_map, 1 map", r["ours_single_min_s"], r["ours_single_median_s"]),
+        (f"vectorised float64, {b} maps (per map)", r["f64_batch_min_s"] / b, None),
+        (f"cmdeploy, batch of {b} (per map)", r["ours_batch_min_s"] / b, None),
+        ("gaussian_heatmap (EP), 1 map", r["gaussian_single_min_s"], None),
     ]
-    print(f"{'what':62s} {'total ms':>11s} {'ms / map':>10s}")
-    for name, t, n in rows:
-        print(f"{name:62s} {t * 1e3:11.2f} {t * 1e3 / n:10.2f}")
-    if r["literal_scaled"]:
-        print(f"{'literal, scaled to ' + str(s) + 'x' + str(s):62s} {r['literal_scaled_s'] * 1e3:11.2f}")
+    for name, mn, med in rows:
+        med_s = f"{med * 1e3:10.2f}" if med is not None else f"{'':10s}"
+        print(f"{'':30s} {name:44s} {mn * 1e3:8.2f} {med_s}")
+    ok = r["speedup_single_min"] >= TARGET_SPEEDUP
     print(
-        f"speed-up vs literal: {r['speedup_single']:.0f}x (single map), "
-        f"{r['speedup_batch_per_map']:.0f}x (per map in a batch of {r['batch']})"
+        f"speed-up vs vectorised float64: {r['speedup_single_min']:.1f}x (min), "
+        f"{r['speedup_single_median']:.1f}x (median), {r['speedup_batch_min']:.1f}x per map in a batch of "
+        f"{b}; target >= {TARGET_SPEEDUP:.0f}x: {'ok' if ok else 'MISSED'}"
     )
     print(
-        f"max |NumPy - literal| on {r['literal_grid']}x{r['literal_grid']}: {r['max_abs_diff']:.2e} "
-        f"(tolerance {r['tolerance']:.0e})"
+        f"max |ours - float64| outside the {TIE_BAND_PX:g} px tie band: "
+        f"{r['max_abs_diff_outside_tie_band']:.2e} (tolerance {r['tolerance']:.0e}); literal per-pixel "
+        f"loop vs vectorised float64 (64x64): {r['literal_vs_f64_64px']:.1e}"
     )
     print(f"python {r['python']}, numpy {r['numpy']}, {r['machine']}, {r['cpus']} CPUs")
 
@@ -131,19 +158,13 @@ def print_table(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="grid side in pixels (default 512)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size of the batched NumPy call")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of the NumPy calls")
-    parser.add_argument(
-        "--literal-budget",
-        type=float,
-        default=60.0,
-        help="seconds allowed for the literal run on the full grid",
-    )
+    parser.add_argument("--batch", type=int, default=16, help="maps in the batched call")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds of the single-map calls")
     parser.add_argument(
         "--json", type=Path, help="also write the results as JSON to this file ('-' = stdout)"
     )
     args = parser.parse_args(argv)
-    result = run(args.size, args.batch, args.repeats, args.literal_budget)
+    result = run(args.size, args.batch, args.repeats)
     print_table(result)
     if args.json is not None:
         text = json.dumps(result, indent=2)
@@ -151,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
         else:
             args.json.write_text(text + "\n")
-    assert result["max_abs_diff"] <= TOLERANCE, (
-        f"confidence_map differs from the literal Algorithm 1 by {result['max_abs_diff']:.3g} > {TOLERANCE}"
-    )
+    if result["max_abs_diff_outside_tie_band"] > TOLERANCE:
+        print(f"FAILED: maps differ by {result['max_abs_diff_outside_tie_band']:.3g} > {TOLERANCE}")
+        return 1
     return 0
 
 

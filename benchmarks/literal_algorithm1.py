@@ -3,7 +3,8 @@
 Reference only: used by ``benchmarks/bench_guidance.py`` and the tests to check
 :func:`cmdeploy.guidance.confidence_map` (``variant="paper"``). It is written the way the paper's
 pseudo-code reads, a Python loop over pixels with plain ``float`` (IEEE double) arithmetic, and is
-deliberately slow. Never import it from ``cmdeploy``.
+deliberately slow; :func:`confidence_map_vectorised64` is the same algorithm as whole-grid float64
+NumPy expressions. Never import either from ``cmdeploy``.
 
 Conventions as in ``cmdeploy.guidance``: points are left, right, top, bottom, each ``(x, y)`` with
 ``x`` = column and ``y`` = row, pixel centres at integers; segment A = left -> right, segment
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+import numpy as np
 
 PARALLEL_EPS = 1e-6  # |sin(angle between A and B)| at or below which the lines count as parallel
 MIN_SIGMA = 1.0  # pixels
@@ -92,3 +95,33 @@ def confidence_map_literal(points: Sequence[Sequence[float]], shape: tuple[int, 
             row.append(1.0 / (1.0 + d1 * d2))  # eq. 5
         out.append(row)
     return out
+
+
+def confidence_map_vectorised64(points: Sequence[Sequence[float]], shape: tuple[int, int]) -> np.ndarray:
+    """Algorithm 1 as a straightforward vectorised float64 NumPy transcription: (H, W) float64.
+
+    The same steps as :func:`confidence_map_literal`, each written as one whole-grid array
+    expression (projection parameter, nearest point on the segment, ``hypot``, side test and sigma
+    by ``np.where``, eqs. 3-5). The baseline of ``benchmarks/bench_guidance.py``.
+    """
+    pts = [tuple(float(v) for v in pt) for pt in points]
+    c = _intersection(*pts)
+    h, w = shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    d = []
+    for p, q in ((pts[0], pts[1]), (pts[2], pts[3])):
+        dx, dy = q[0] - p[0], q[1] - p[1]
+        length2 = dx * dx + dy * dy
+        if length2 == 0.0:
+            dist = np.hypot(xs - p[0], ys - p[1])
+            side = np.ones_like(xs)
+        else:
+            t = np.clip(((xs - p[0]) * dx + (ys - p[1]) * dy) / length2, 0.0, 1.0)
+            dist = np.hypot(xs - (p[0] + t * dx), ys - (p[1] + t * dy))
+            side = ((xs - c[0]) * dx + (ys - c[1]) * dy) / math.sqrt(length2)
+        sig_p = max(math.hypot(c[0] - p[0], c[1] - p[1]), MIN_SIGMA)
+        sig_q = max(math.hypot(c[0] - q[0], c[1] - q[1]), MIN_SIGMA)
+        sigma = np.where(side < -LEVEL_TOL, sig_p, np.where(side > LEVEL_TOL, sig_q, (sig_p + sig_q) / 2.0))
+        d.append(dist / sigma)  # eq. 3
+    d_a, d_b = d
+    return 1.0 / (1.0 + np.minimum(d_a, d_b) * np.sqrt(d_a * d_a + d_b * d_b))  # eqs. 4-5

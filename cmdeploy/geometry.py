@@ -117,6 +117,24 @@ def crop_transform(
     return CropTransform(np.concatenate([lin, offset[:, None]], axis=1), int(crop_size))
 
 
+def crop_transforms(points: np.ndarray, crop_size: int, target_size: float) -> list[CropTransform]:
+    """Inference crop transforms of (N, 4, 2) point sets at once (no rotation, flip or scale).
+
+    Equal, bit for bit, to ``crop_transform(points[i], crop_size, target_size)`` for every ``i``
+    (the same float64 operations, vectorised over objects).
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 4, 2)
+    lo = pts.min(axis=1)
+    hi = pts.max(axis=1)
+    centre = (lo + hi) / 2.0
+    z = target_size / np.maximum((hi - lo).max(axis=1), _MIN_EXTENT)
+    half = (crop_size - 1) / 2.0
+    lin = z[:, None, None] * np.array([[1.0, 0.0], [-0.0, 1.0]])  # crop_transform's, cos 1, sin 0
+    offset = half - z[:, None] * centre  # == half - lin @ centre: the other term is a signed zero
+    mats = np.concatenate([lin, offset[:, :, None]], axis=2)
+    return [CropTransform(m, int(crop_size)) for m in mats]
+
+
 def sample_bilinear(
     image: np.ndarray, xs: np.ndarray, ys: np.ndarray, fill: float = 0.0
 ) -> np.ndarray:
@@ -141,6 +159,64 @@ def sample_bilinear(
     return np.where(inside, out, np.float32(fill)).astype(np.float32, copy=False)
 
 
+def _axis_taps(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D bilinear taps along an axis of ``n`` pixels, exactly as :func:`sample_bilinear` makes them:
+    ``(lo, hi, frac, inside)``."""
+    inside = (coords >= 0) & (coords <= n - 1)
+    c = np.clip(coords, 0, n - 1)
+    lo = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    hi = np.minimum(lo + 1, n - 1)
+    return lo, hi, (c - lo).astype(np.float32), inside
+
+
+def sample_grid(
+    image: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    fill: float = 0.0,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bilinear samples of a 2-D ``image`` on the grid ``ys x xs`` (1-D float coordinates).
+
+    Equal, bit for bit, to ``sample_bilinear(image, xs[None, :], ys[:, None], fill)`` (the same
+    float32 operations in the same order: along x first, then along y), but separable: the x
+    interpolation runs once per source row the grid touches, then rows are blended, so no 2-D
+    coordinate arrays or per-pixel gathers of four neighbours are made. Returns float32
+    ``(len(ys), len(xs))``, written into ``out`` when given.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape
+    x0, x1, fx, in_x = _axis_taps(np.asarray(xs, np.float64), w)
+    y0, y1, fy, in_y = _axis_taps(np.asarray(ys, np.float64), h)
+    ny, nx = len(y0), len(x0)
+    if out is None:
+        out = np.empty((ny, nx), dtype=np.float32)
+    if ny == 0 or nx == 0:
+        return out
+    r0, r1 = int(y0.min()), int(y1.max()) + 1
+    if r1 - r0 <= 2 * ny:  # zoom >= 1/2: interpolate every touched row once
+        rows = img[r0:r1]
+        top_idx, bot_idx = y0 - r0, y1 - r0
+    else:  # strong minification: only the rows the taps use
+        rows = img[np.concatenate([y0, y1])]
+        top_idx, bot_idx = np.arange(ny), np.arange(ny, 2 * ny)
+    along_x = rows[:, x0]
+    along_x *= 1 - fx
+    right = rows[:, x1]
+    right *= fx
+    along_x += right
+    np.multiply(along_x[top_idx], (1 - fy)[:, None], out=out)
+    bottom = along_x[bot_idx]
+    bottom *= fy[:, None]
+    out += bottom
+    if not in_y.all():
+        out[~in_y] = fill
+    if not in_x.all():
+        out[:, ~in_x] = fill
+    return out
+
+
 def warp_affine(
     image: np.ndarray,
     matrix: np.ndarray,
@@ -148,29 +224,86 @@ def warp_affine(
     *,
     fill: float = 0.0,
     order: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample ``image`` into an ``out_shape`` (H', W') grid through the forward map ``matrix``.
 
     ``matrix`` (2, 3) maps source ``(x, y)`` to destination ``(u, v)``; every destination pixel is
-    sampled at the inverse image of its centre. ``order`` 1 = bilinear, 0 = nearest. Returns float32.
+    sampled at the inverse image of its centre. ``order`` 1 = bilinear, 0 = nearest. Returns float32
+    (written into ``out`` when given). Maps without rotation take the separable
+    :func:`sample_grid` (the same values bit for bit).
     """
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), got {order}")
     inv = invert_affine(matrix)
     oh, ow = out_shape
-    us = np.arange(ow, dtype=np.float64)[None, :]
-    vs = np.arange(oh, dtype=np.float64)[:, None]
-    xs = inv[0, 0] * us + inv[0, 1] * vs + inv[0, 2]
-    ys = inv[1, 0] * us + inv[1, 1] * vs + inv[1, 2]
+    us = np.arange(ow, dtype=np.float64)
+    vs = np.arange(oh, dtype=np.float64)
+    if inv[0, 1] == 0 and inv[1, 0] == 0:  # no rotation (every inference crop): separable
+        xs = inv[0, 0] * us + inv[0, 2]  # == inv[0, 0] * u + 0 * v + inv[0, 2] of the 2-D path
+        ys = inv[1, 1] * vs + inv[1, 2]
+        if order == 0:
+            xs, ys = np.rint(xs), np.rint(ys)
+        return sample_grid(image, xs, ys, fill=fill, out=out)
+    xs = inv[0, 0] * us[None, :] + inv[0, 1] * vs[:, None] + inv[0, 2]
+    ys = inv[1, 0] * us[None, :] + inv[1, 1] * vs[:, None] + inv[1, 2]
     if order == 0:
         xs, ys = np.rint(xs), np.rint(ys)
-    elif order != 1:
-        raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), got {order}")
-    return sample_bilinear(image, xs, ys, fill=fill)
+    result = sample_bilinear(image, xs, ys, fill=fill)
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
-def crop_image(image: np.ndarray, transform: CropTransform, *, fill: float = 0.0) -> np.ndarray:
-    """The (S, S) float32 crop of a slice under ``transform`` (bilinear)."""
+def crop_image(
+    image: np.ndarray, transform: CropTransform, *, fill: float = 0.0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The (S, S) float32 crop of a slice under ``transform`` (bilinear), into ``out`` when given."""
     s = transform.crop_size
-    return warp_affine(image, transform.matrix, (s, s), fill=fill)
+    return warp_affine(image, transform.matrix, (s, s), fill=fill, out=out)
+
+
+def footprint_window(transform: CropTransform, slice_shape: tuple[int, int]) -> tuple[slice, slice]:
+    """``(rows, cols)`` of the slice pixels in the bounding box of the crop's footprint (may be empty)."""
+    h, w = slice_shape
+    s = transform.crop_size
+    corners = transform.to_slice(np.array([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]], np.float64))
+    x_lo = max(int(np.floor(corners[:, 0].min())), 0)
+    x_hi = min(int(np.ceil(corners[:, 0].max())), w - 1) + 1
+    y_lo = max(int(np.floor(corners[:, 1].min())), 0)
+    y_hi = min(int(np.ceil(corners[:, 1].max())), h - 1) + 1
+    if x_lo >= x_hi or y_lo >= y_hi:
+        return slice(0, 0), slice(0, 0)
+    return slice(y_lo, y_hi), slice(x_lo, x_hi)
+
+
+def paste_window(
+    crop_values: np.ndarray, transform: CropTransform, slice_shape: tuple[int, int]
+) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """:func:`paste_back` over the footprint window only: ``(values, (rows, cols))`` with
+    ``paste_back(...)[rows, cols] == values`` and ``paste_back(...)`` 0 outside the window.
+
+    Each slice pixel in the window gets the bilinear sample of the (S, S) ``crop_values`` at its
+    crop coordinates (0 outside the crop); maps without rotation use the separable
+    :func:`sample_grid`. Returns float32 values of the window's shape.
+    """
+    s = transform.crop_size
+    if crop_values.shape != (s, s):
+        raise ValueError(f"crop_values must be ({s}, {s}), got {crop_values.shape}")
+    rows, cols = footprint_window(transform, slice_shape)
+    if rows.stop <= rows.start:
+        return np.zeros((0, 0), np.float32), (rows, cols)
+    m = transform.matrix
+    xs = np.arange(cols.start, cols.stop, dtype=np.float64)
+    ys = np.arange(rows.start, rows.stop, dtype=np.float64)
+    if m[0, 1] == 0 and m[1, 0] == 0:
+        values = sample_grid(crop_values, m[0, 0] * xs + m[0, 2], m[1, 1] * ys + m[1, 2])
+    else:
+        us = m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2]
+        vs = m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2]
+        values = sample_bilinear(crop_values, us, vs, fill=0.0)
+    return values, (rows, cols)
 
 
 def paste_back(
@@ -180,24 +313,9 @@ def paste_back(
 
     Every slice pixel whose image under ``transform`` lies inside the crop gets the bilinear sample
     of ``crop_values`` there; pixels outside the crop's footprint are 0. Only the footprint's
-    bounding box is computed. Returns float32 (H, W).
+    bounding box is computed (:func:`paste_window`). Returns float32 (H, W).
     """
-    h, w = slice_shape
-    s = transform.crop_size
-    if crop_values.shape != (s, s):
-        raise ValueError(f"crop_values must be ({s}, {s}), got {crop_values.shape}")
-    out = np.zeros((h, w), dtype=np.float32)
-    corners = transform.to_slice(np.array([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]]))
-    x_lo = max(int(np.floor(corners[:, 0].min())), 0)
-    x_hi = min(int(np.ceil(corners[:, 0].max())), w - 1)
-    y_lo = max(int(np.floor(corners[:, 1].min())), 0)
-    y_hi = min(int(np.ceil(corners[:, 1].max())), h - 1)
-    if x_lo > x_hi or y_lo > y_hi:
-        return out
-    m = transform.matrix
-    xs = np.arange(x_lo, x_hi + 1, dtype=np.float64)[None, :]
-    ys = np.arange(y_lo, y_hi + 1, dtype=np.float64)[:, None]
-    us = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
-    vs = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
-    out[y_lo : y_hi + 1, x_lo : x_hi + 1] = sample_bilinear(crop_values, us, vs, fill=0.0)
+    values, window = paste_window(crop_values, transform, slice_shape)
+    out = np.zeros(slice_shape, dtype=np.float32)
+    out[window] = values
     return out

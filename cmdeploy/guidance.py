@@ -29,6 +29,8 @@ Other variants (keyword ``variant``):
 from __future__ import annotations
 
 import itertools
+import threading
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -102,44 +104,176 @@ def cross_centre(points: np.ndarray) -> np.ndarray:
     return np.where(parallel[:, None], points.mean(axis=1), centre)
 
 
-def _segment_terms(
-    p: np.ndarray, q: np.ndarray, c: np.ndarray, xs: np.ndarray, ys: np.ndarray, sigma_mode: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distance to segment (p, q) and the per-pixel sigma, both (N, H, W) float32.
+@dataclass(frozen=True)
+class SegmentFrame:
+    """Per-object constants of one segment S = (p, q), for the squared scaled distance ``d_S**2``.
 
-    ``p``, ``q``, ``c`` are (N, 2); ``xs`` is (1, 1, W) and ``ys`` (1, H, 1) pixel coordinates.
+    All (N,) float64; the per-pixel arithmetic casts them to float32 (:func:`segment_sq_distance`).
+
+    Attributes:
+        px, py: the start point p (pixels).
+        ux, uy: unit vector p -> q (``(1, 0)`` for a zero-length segment).
+        length: ``|q - p|`` (pixels).
+        t_c: position of the centre ``c`` along S, measured from p (pixels).
+        k_p, k_q, k_tie: ``1 / sigma**2`` on p's side of c, on q's side and level with c
+            (pixels^-2).
     """
-    f32 = np.float32
-    d = q - p
-    length = np.linalg.norm(d, axis=1)
-    unit = d / np.where(length > 0, length, 1.0)[:, None]
-    unit = np.where(length[:, None] > 0, unit, np.array([1.0, 0.0]))  # degenerate: any direction
-    ux = unit[:, 0].astype(f32)[:, None, None]
-    uy = unit[:, 1].astype(f32)[:, None, None]
-    px = p[:, 0].astype(f32)[:, None, None]
-    py = p[:, 1].astype(f32)[:, None, None]
-    rx = xs - px  # (N, 1, W)
-    ry = ys - py  # (N, H, 1)
-    along = rx * ux + ry * uy  # (N, H, W): position along S, measured from p
-    perp = ry * ux - rx * uy
-    length32 = length.astype(f32)[:, None, None]
-    beyond = along - np.clip(along, 0.0, length32)
-    dist = np.sqrt(perp * perp + beyond * beyond)
 
+    px: np.ndarray
+    py: np.ndarray
+    ux: np.ndarray
+    uy: np.ndarray
+    length: np.ndarray
+    t_c: np.ndarray
+    k_p: np.ndarray
+    k_q: np.ndarray
+    k_tie: np.ndarray
+
+
+def segment_frame(p: np.ndarray, q: np.ndarray, c: np.ndarray, sigma_mode: str) -> SegmentFrame:
+    """:class:`SegmentFrame` of segments (p, q) with centres c, each (N, 2) float64 (x, y) pixels.
+
+    ``sigma_mode`` ``"side"``: the paper's side-dependent sigma (``|c - p|`` before c along S,
+    ``|c - q|`` after it, their mean level with c); ``"half"``: half the segment length everywhere.
+    Every sigma is clamped to >= 1 pixel.
+    """
+    d = q - p
+    length = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+    has = length > 0
+    safe = np.where(has, length, 1.0)
+    ux = np.where(has, d[:, 0] / safe, 1.0)  # degenerate: any direction
+    uy = np.where(has, d[:, 1] / safe, 0.0)
+    t_c = (c[:, 0] - p[:, 0]) * ux + (c[:, 1] - p[:, 1]) * uy
     if sigma_mode == "half":
-        sigma = np.maximum(length / 2.0, _MIN_SIGMA).astype(f32)[:, None, None]
-        return dist, np.broadcast_to(sigma, dist.shape)
+        half = np.maximum(length / 2.0, _MIN_SIGMA)
+        k = 1.0 / (half * half)
+        return SegmentFrame(p[:, 0], p[:, 1], ux, uy, length, t_c, k, k, k)
     sig_p = np.maximum(np.linalg.norm(c - p, axis=1), _MIN_SIGMA)
     sig_q = np.maximum(np.linalg.norm(c - q, axis=1), _MIN_SIGMA)
-    # signed position along S measured from c (pixels): < 0 on p's side, > 0 on q's side
-    cx = c[:, 0].astype(f32)[:, None, None]
-    cy = c[:, 1].astype(f32)[:, None, None]
-    side = (xs - cx) * ux + (ys - cy) * uy
-    sp = sig_p.astype(f32)[:, None, None]
-    sq = sig_q.astype(f32)[:, None, None]
-    tie = ((sig_p + sig_q) / 2.0).astype(f32)[:, None, None]
-    sigma = np.where(side < -_TIE_EPS, sp, np.where(side > _TIE_EPS, sq, tie))
-    return dist, sigma
+    tie = (sig_p + sig_q) / 2.0
+    return SegmentFrame(
+        p[:, 0], p[:, 1], ux, uy, length, t_c,
+        1.0 / (sig_p * sig_p), 1.0 / (sig_q * sig_q), 1.0 / (tie * tie),
+    )
+
+
+def _axis_terms(fr: SegmentFrame, i: int, w: int, h: int) -> tuple[np.ndarray, ...]:
+    """float32 1-D terms of object ``i``: along = ``ay[y] + ax[x]``, perp = ``by[y] - bx[x]``."""
+    ux, uy = np.float32(fr.ux[i]), np.float32(fr.uy[i])
+    rx = np.arange(w, dtype=np.float32) - np.float32(fr.px[i])
+    ry = np.arange(h, dtype=np.float32) - np.float32(fr.py[i])
+    return rx * ux, ry * uy, rx * uy, ry * ux
+
+
+def _level_pixels(
+    fr: SegmentFrame, i: int, ax: np.ndarray, ay: np.ndarray, lo: np.float32, hi: np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pixels whose float32 ``along = ay[y] + ax[x]`` lies in ``[lo, hi]``.
+
+    ``hi - lo`` is 2e-3 px, so these pixels hug the line ``along = t_c`` (perpendicular to S through
+    c) within 1.5e-3 px: at most one per row (per column for a steep S), the pixel nearest the line.
+    Only that candidate is tested, with exactly the float32 sum of the dense map.
+    """
+    h, w = ay.size, ax.size
+    ux, uy, t = float(fr.ux[i]), float(fr.uy[i]), float(fr.t_c[i])
+    if abs(ux) >= abs(uy):  # the line crosses every row once: the nearest column per row
+        x_star = fr.px[i] + (t - ay.astype(np.float64)) / ux
+        cols = np.rint(np.clip(x_star, -1, w)).astype(np.intp)
+        rows = np.arange(h)
+    else:
+        y_star = fr.py[i] + (t - ax.astype(np.float64)) / uy
+        rows = np.rint(np.clip(y_star, -1, h)).astype(np.intp)
+        cols = np.arange(w)
+    ok = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    rows, cols = rows[ok], cols[ok]
+    along = ay[rows] + ax[cols]
+    level = ~(along < lo) & ~(along > hi)
+    return rows[level], cols[level]
+
+
+def _side_band(fr: SegmentFrame, i: int, h: int, w: int) -> tuple[bool, int, int, bool]:
+    """Where p's side of c lies: ``(by_columns, start, stop, p_first)``.
+
+    The line ``along = t_c`` splits the grid; away from it by more than a pixel the side is certain.
+    With ``by_columns`` (a shallow S) columns ``[0, start)`` lie wholly on one side, columns
+    ``[stop, W)`` on the other, and only the band ``[start, stop)`` needs a per-pixel test; rows
+    otherwise. ``p_first``: the low columns (rows) are on p's side.
+    """
+    ux, uy, t = float(fr.ux[i]), float(fr.uy[i]), float(fr.t_c[i])
+    by_columns = abs(ux) >= abs(uy)
+    n, m = (w, h) if by_columns else (h, w)
+    u_main, u_other = (ux, uy) if by_columns else (uy, ux)
+    origin = fr.px[i] if by_columns else fr.py[i]
+    other0 = fr.py[i] if by_columns else fr.px[i]
+    # along = (main - origin) * u_main + (other - other0) * u_other = t at main = ...
+    ends = origin + (t - (np.array([0.0, m - 1.0]) - other0) * u_other) / u_main
+    start = int(np.clip(np.floor(ends.min()) - 1, 0, n))
+    stop = int(np.clip(np.ceil(ends.max()) + 2, start, n))
+    return by_columns, start, stop, u_main > 0
+
+
+def segment_sq_distance(
+    fr: SegmentFrame, i: int, out: np.ndarray, along: np.ndarray, tmp: np.ndarray
+) -> np.ndarray:
+    """``out[y, x] = d_S(x, y)**2 = (dist((x, y), S) / sigma_S(x, y))**2`` of object ``i``, float32.
+
+    ``out``, ``along`` and ``tmp`` are (H, W) float32 buffers (``along`` and ``tmp`` are scratch).
+    The per-pixel work is a few float32 passes: ``along`` and ``perp`` (position along S from p,
+    and across it) as outer sums of 1-D terms, ``dist**2 = perp**2 + (along - clip(along, 0,
+    |S|))**2``, times ``1 / sigma**2`` of the pixel's side of c: ``along < t_c - 1e-3`` is p's
+    side, ``along > t_c + 1e-3`` q's side, the level pixels between use the tie sigma. Only a band
+    of columns (rows) around the line ``along = t_c`` is tested per pixel (:func:`_side_band`), the
+    level pixels sparsely (:func:`_level_pixels`). ``cmdeploy.export.fused`` repeats these
+    operations densely.
+    """
+    h, w = out.shape
+    ax, ay, bx, by = _axis_terms(fr, i, w, h)
+    np.add(ay[:, None], ax[None, :], out=along)
+    np.subtract(by[:, None], bx[None, :], out=out)
+    np.multiply(out, out, out=out)
+    np.clip(along, np.float32(0.0), np.float32(fr.length[i]), out=tmp)
+    np.subtract(along, tmp, out=tmp)
+    np.multiply(tmp, tmp, out=tmp)
+    np.add(out, tmp, out=out)
+    k_p, k_q, k_tie = np.float32(fr.k_p[i]), np.float32(fr.k_q[i]), np.float32(fr.k_tie[i])
+    if k_p == k_q == k_tie:
+        return np.multiply(out, k_p, out=out)
+    lo = np.float32(fr.t_c[i] - _TIE_EPS)
+    hi = np.float32(fr.t_c[i] + _TIE_EPS)
+    rows, cols = _level_pixels(fr, i, ax, ay, lo, hi)
+    level = out[rows, cols] * k_tie
+    by_columns, start, stop, p_first = _side_band(fr, i, h, w)
+    k_low, k_high = (k_p, k_q) if p_first else (k_q, k_p)
+
+    def part(a: int, b: int) -> tuple[slice, slice]:
+        return (slice(None), slice(a, b)) if by_columns else (slice(a, b), slice(None))
+
+    low, band, high = part(0, start), part(start, stop), part(stop, None)
+    np.multiply(out[low], k_low, out=out[low])
+    np.multiply(out[high], k_high, out=out[high])
+    if stop > start:
+        np.multiply(out[band], np.where(along[band] < lo, k_p, k_q), out=out[band])
+    out[rows, cols] = level
+    return out
+
+
+_SCRATCH = threading.local()
+_SCRATCH_MAX_PIXELS = 1024 * 1024
+
+
+def _scratch(h: int, w: int) -> list[np.ndarray]:
+    """Three (H, W) float32 work buffers, kept per thread for the last shape asked for.
+
+    Fresh multi-megabyte arrays cost a page fault per 4 KiB on first touch, which on small VMs
+    took longer than computing the map; reusing them keeps every pass in warm memory.
+    """
+    if h * w > _SCRATCH_MAX_PIXELS:  # not kept: a thread would hold 12+ MB for one odd call
+        return [np.empty((h, w), np.float32) for _ in range(3)]
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None or bufs[0].shape != (h, w):
+        bufs = [np.empty((h, w), np.float32) for _ in range(3)]
+        _SCRATCH.bufs = bufs
+    return bufs
 
 
 def confidence_map(
@@ -148,6 +282,7 @@ def confidence_map(
     *,
     variant: Variant = "paper",
     tau: float | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Confidence map ``f`` of extreme points on an (H, W) grid.
 
@@ -159,41 +294,66 @@ def confidence_map(
             ``"mahalanobis"`` (see the module docstring).
         tau: variant parameter: 7.0 for ``"authors"``, 1.0 for the thresholded variants; ignored
             by ``"paper"``.
+        out: optional float32 array to write into, (N, H, W) (or (H, W) for one point set); each
+            ``out[i]`` must be C-contiguous (e.g. ``x[:, 1]`` of an (N, C, H, W) network input).
 
     Returns:
-        float32 (H, W) for one point set or (N, H, W) for a batch. For ``"paper"``: 1 on both
-        segments, in (0, 1] everywhere.
+        float32 (H, W) for one point set or (N, H, W) for a batch (``out`` when given). For
+        ``"paper"``: 1 on both segments, in (0, 1] everywhere.
+
+    Cost: with ``a = d_A**2`` and ``b = d_B**2`` (:func:`segment_sq_distance`), the paper's
+    ``d1 * d2 = min(d_A, d_B) * sqrt(d_A**2 + d_B**2) = sqrt(min(a, b) * (a + b))``: one square
+    root and one division per pixel; maps are made one at a time in reused float32 buffers.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     single = np.ndim(points) == 2
     pts = validate_points(points)
     h, w = _validate_shape(shape)
-    xs = np.arange(w, dtype=np.float32)[None, None, :]
-    ys = np.arange(h, dtype=np.float32)[None, :, None]
+    n = len(pts)
+    result = np.empty((n, h, w), dtype=np.float32) if out is None else (out[None] if out.ndim == 2 else out)
+    if result.shape != (n, h, w) or result.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {(n, h, w)}, got {result.dtype} {result.shape}")
     c = cross_centre(pts)
     sigma_mode = "half" if variant == "authors" else "side"
-    dist_a, sig_a = _segment_terms(pts[:, 0], pts[:, 1], c, xs, ys, sigma_mode)
-    dist_b, sig_b = _segment_terms(pts[:, 2], pts[:, 3], c, xs, ys, sigma_mode)
-    d_a = dist_a / sig_a
-    d_b = dist_b / sig_b
-
-    if variant == "paper":
-        d1 = np.minimum(d_a, d_b)
-        d2 = np.sqrt(d_a * d_a + d_b * d_b)
-        out = 1.0 / (1.0 + d1 * d2)
-    elif variant == "authors":
-        t = np.float32(7.0 if tau is None else tau)
-        out = 1.0 / (1.0 + t * np.minimum(d_a, d_b) * (d_a + d_b))
-        lo = out.min(axis=(1, 2), keepdims=True)
-        hi = out.max(axis=(1, 2), keepdims=True)
-        out = (out - lo) / np.where(hi > lo, hi - lo, 1.0)
-    else:
-        t = np.float32(1.0 if tau is None else tau)
-        d = np.maximum(d_a, d_b) if variant == "chebyshev" else np.sqrt(d_a * d_a + d_b * d_b)
-        out = (d <= t).astype(np.float32)
-    out = out.astype(np.float32, copy=False)
-    return out[0] if single else out
+    frame_a = segment_frame(pts[:, 0], pts[:, 1], c, sigma_mode)
+    frame_b = segment_frame(pts[:, 2], pts[:, 3], c, sigma_mode)
+    a, b, tmp = _scratch(h, w)
+    one = np.float32(1.0)
+    for i in range(n):
+        dst = result[i]
+        if not dst.flags.c_contiguous:
+            raise ValueError("out[i] must be C-contiguous")
+        segment_sq_distance(frame_a, i, a, dst, tmp)  # dst is scratch until the end
+        segment_sq_distance(frame_b, i, b, dst, tmp)
+        if variant == "paper":  # f = 1 / (1 + sqrt(min(a, b) * (a + b)))
+            np.minimum(a, b, out=dst)
+            np.add(a, b, out=a)
+            np.multiply(dst, a, out=dst)
+            np.sqrt(dst, out=dst)
+            np.add(dst, one, out=dst)
+            np.divide(one, dst, out=dst)
+        elif variant == "authors":  # f = 1 / (1 + tau * min(d_A, d_B) * (d_A + d_B)), min-max scaled
+            t = np.float32(7.0 if tau is None else tau)
+            np.sqrt(a, out=a)
+            np.sqrt(b, out=b)
+            np.minimum(a, b, out=dst)
+            np.add(a, b, out=a)
+            np.multiply(dst, t, out=dst)
+            np.multiply(dst, a, out=dst)
+            np.add(dst, one, out=dst)
+            np.divide(one, dst, out=dst)
+            lo, hi = dst.min(), dst.max()
+            np.subtract(dst, lo, out=dst)
+            np.divide(dst, hi - lo if hi > lo else one, out=dst)
+        else:  # binary regions: max(d_A, d_B) <= tau or sqrt(d_A**2 + d_B**2) <= tau
+            t = np.float32(1.0 if tau is None else tau)
+            (np.maximum if variant == "chebyshev" else np.add)(a, b, out=a)
+            np.sqrt(a, out=a)
+            dst[...] = a <= t
+    if out is not None:
+        return out
+    return result[0] if single else result
 
 
 def gaussian_heatmap(

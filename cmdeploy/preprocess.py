@@ -18,46 +18,76 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmdeploy.geometry import CropTransform, crop_image, crop_transform, paste_back
+from cmdeploy.geometry import CropTransform, crop_image, crop_transforms, paste_back
 from cmdeploy.guidance import confidence_map, gaussian_heatmap, validate_points
 from cmdeploy.spec import ModelSpec
 
 
-def window_normalize(hu: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Window HU values to ``spec.window``, scale to [0, 1] and normalise; float32."""
+def window_normalize(hu: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Window HU values to ``spec.window``, scale to [0, 1] and normalise; float32.
+
+    ``out`` (float32, ``hu``'s shape; may be ``hu`` itself) receives the result when given.
+    """
     lo, hi = spec.window
-    v = (np.clip(np.asarray(hu, dtype=np.float32), lo, hi) - np.float32(lo)) / np.float32(hi - lo)
-    return (v - np.float32(spec.norm_mean)) / np.float32(spec.norm_std)
+    v = np.clip(np.asarray(hu, dtype=np.float32), lo, hi, out=out)
+    v -= np.float32(lo)
+    v /= np.float32(hi - lo)
+    v -= np.float32(spec.norm_mean)
+    v /= np.float32(spec.norm_std)
+    return v
 
 
-def guidance_channels(points_crop: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """Guidance channel(s) for (N, 4, 2) crop-space points: (N, G, S, S) float32."""
+def guidance_channels(
+    points_crop: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Guidance channel(s) for (N, 4, 2) crop-space points: (N, G, S, S) float32.
+
+    ``out`` (e.g. ``x[:, 1:]`` of a network input) receives the maps when given.
+    """
     s = spec.input_size
-    maps = []
-    for name in spec.channels[1:]:
+    n = len(points_crop)
+    if out is None:
+        out = np.empty((n, spec.num_channels - 1, s, s), dtype=np.float32)
+    for j, name in enumerate(spec.channels[1:]):
         if name == "cm":
-            maps.append(
-                confidence_map(points_crop, (s, s), variant=spec.cm_variant, **spec.cm_params)
+            confidence_map(
+                points_crop, (s, s), variant=spec.cm_variant, **spec.cm_params, out=out[:, j]
             )
         elif name == "ep":
-            maps.append(gaussian_heatmap(points_crop, (s, s), sigma=spec.ep_sigma))
+            out[:, j] = gaussian_heatmap(points_crop, (s, s), sigma=spec.ep_sigma)
         else:  # pragma: no cover - ModelSpec validates guidance
             raise ValueError(f"unknown guidance channel {name!r}")
-    return np.stack(maps, axis=1)
+    return out
+
+
+def _prepare(
+    slices_hu: Sequence[np.ndarray], points: np.ndarray, spec: ModelSpec, target_size: float
+) -> tuple[np.ndarray, list[CropTransform]]:
+    """Network inputs of validated (N, 4, 2) float64 points, written in place channel by channel."""
+    s = spec.input_size
+    n = len(points)
+    out = np.empty((n, spec.num_channels, s, s), dtype=np.float32)
+    if n == 0:
+        return out, []
+    transforms = crop_transforms(points, s, target_size)
+    for i, (img, t) in enumerate(zip(slices_hu, transforms, strict=True)):
+        arr = np.asarray(img)
+        if arr.ndim != 2:
+            raise ValueError(f"slice must be 2-D (H, W) HU, got shape {arr.shape}")
+        window_normalize(crop_image(arr, t, fill=spec.pad_hu, out=out[i, 0]), spec, out=out[i, 0])
+    mats = np.stack([t.matrix for t in transforms])
+    points_crop = points @ np.swapaxes(mats[:, :, :2], 1, 2) + mats[:, None, :, 2]  # = to_crop
+    guidance_channels(points_crop, spec, out=out[:, 1:])
+    return out, transforms
 
 
 def prepare_one(
     slice_hu: np.ndarray, points: np.ndarray, spec: ModelSpec, *, target_size: float | None = None
 ) -> tuple[np.ndarray, CropTransform]:
     """Network input (C, S, S) float32 and the crop transform for one object on one slice."""
-    pts = validate_points(points)[0]
-    img = np.asarray(slice_hu)
-    if img.ndim != 2:
-        raise ValueError(f"slice must be 2-D (H, W) HU, got shape {img.shape}")
-    t = crop_transform(pts, spec.input_size, spec.target_size if target_size is None else target_size)
-    image = window_normalize(crop_image(img, t, fill=spec.pad_hu), spec)
-    guide = guidance_channels(t.to_crop(pts)[None], spec)[0]
-    return np.concatenate([image[None], guide], axis=0), t
+    pts = validate_points(points)[:1]
+    x, (t,) = _prepare([slice_hu], pts, spec, spec.target_size if target_size is None else target_size)
+    return x[0], t
 
 
 def prepare_batch(
@@ -65,20 +95,18 @@ def prepare_batch(
     points: Sequence[np.ndarray] | np.ndarray,
     spec: ModelSpec,
 ) -> tuple[np.ndarray, list[CropTransform]]:
-    """Stack :func:`prepare_one` over items: returns (N, C, S, S) float32 and N transforms.
+    """:func:`prepare_one` over items: returns (N, C, S, S) float32 and N transforms.
 
     ``slices_hu[i]`` is the (H_i, W_i) slice for object ``points[i]`` (slices may repeat and may
-    differ in size).
+    differ in size). The work is per object only where it must be (the crop); transforms,
+    crop-space points and guidance maps are computed for the batch, straight into the output.
     """
     if len(slices_hu) != len(points):
         raise ValueError(f"got {len(slices_hu)} slices but {len(points)} point sets")
-    s = spec.input_size
-    out = np.empty((len(points), spec.num_channels, s, s), dtype=np.float32)
-    transforms = []
-    for i, (img, pts) in enumerate(zip(slices_hu, points, strict=True)):
-        out[i], t = prepare_one(img, pts, spec)
-        transforms.append(t)
-    return out, transforms
+    if len(points) == 0:
+        return _prepare([], np.zeros((0, 4, 2)), spec, spec.target_size)
+    pts = validate_points(np.asarray(points, dtype=np.float64))
+    return _prepare(slices_hu, pts, spec, spec.target_size)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:

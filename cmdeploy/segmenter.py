@@ -26,7 +26,8 @@ preprocessing with inference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 
 from cmdeploy.backends.base import Runner, batch_chunks, run_batched
 from cmdeploy.errors import InputError, ModelError
-from cmdeploy.geometry import CropTransform, sample_bilinear
+from cmdeploy.geometry import CropTransform, paste_window
 from cmdeploy.guidance import validate_points
 from cmdeploy.hashing import file_sha256
 from cmdeploy.preprocess import prepare_batch, sigmoid
@@ -46,6 +47,10 @@ Backend = Literal["auto", "onnxruntime", "tensorrt"]
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 FUSED_INPUTS = ("slices", "points")
+# predict_batch prepares the next batch while the model runs (measured in benchmarks/bench_prepare.py)
+OVERLAP_DEFAULT = True
+# onnxruntime intra-op workers sleep when idle instead of spinning (measured there too)
+SPINNING_DEFAULT = False
 # how far (pixels) a point may lie outside the pixel-centre grid [0, W-1] x [0, H-1]
 POINT_MARGIN = 0.5
 
@@ -113,38 +118,6 @@ def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -
     return pts.astype(np.float32)
 
 
-def _axis_samples(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """1-D bilinear taps along one axis, exactly as :func:`cmdeploy.geometry.sample_bilinear`."""
-    inside = (coords >= 0) & (coords <= n - 1)
-    c = np.clip(coords, 0, n - 1)
-    lo = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
-    hi = np.minimum(lo + 1, n - 1)
-    return lo, hi, (c - lo).astype(np.float32), inside
-
-
-def _resample_window(crop: np.ndarray, matrix: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Bilinear samples of an (S, S) crop at the crop images of slice pixels ``ys x xs``.
-
-    ``matrix`` maps slice (x, y) -> crop (u, v); 0 where a pixel maps outside the crop. Equal to
-    :func:`cmdeploy.geometry.paste_back` on that window; axis-aligned maps (no rotation, the
-    inference case) take a separable path that gathers rows and columns instead of every pixel.
-    """
-    m = matrix
-    if m[0, 1] != 0 or m[1, 0] != 0:  # rotated: general 2-D sampling
-        us = m[0, 0] * xs[None, :] + m[0, 1] * ys[:, None] + m[0, 2]
-        vs = m[1, 0] * xs[None, :] + m[1, 1] * ys[:, None] + m[1, 2]
-        return sample_bilinear(crop, us, vs, fill=0.0)
-    h, w = crop.shape
-    x0, x1, fx, in_x = _axis_samples(m[0, 0] * xs + m[0, 2], w)
-    y0, y1, fy, in_y = _axis_samples(m[1, 1] * ys + m[1, 2], h)
-    # same operation order as sample_bilinear (x first, then y), so results match bit for bit
-    along_x = crop[:, x0] * (1 - fx) + crop[:, x1] * fx  # (S, w_win)
-    out = along_x[y0] * (1 - fy)[:, None] + along_x[y1] * fy[:, None]
-    out[~in_y] = 0.0
-    out[:, ~in_x] = 0.0
-    return out.astype(np.float32, copy=False)
-
-
 @dataclass
 class PreparedBatch:
     """Model-ready inputs of N objects (from :meth:`Segmenter.prepare`).
@@ -176,7 +149,12 @@ class Segmenter:
         model_path: the model file.
         fused: True when the model does its own preprocessing (inputs ``slices``, ``points``).
         batch_size: most objects per model call.
+        overlap: :meth:`predict_batch` prepares batch k+1 in a worker thread while the model runs
+            batch k (when there is more than one batch); see ``docs/results.md`` for the measured
+            effect on a 2-core machine.
     """
+
+    overlap: bool = OVERLAP_DEFAULT
 
     def __init__(
         self, runner: Runner, spec: ModelSpec, *, model_path: Path, backend: str, batch_size: int = 16
@@ -226,6 +204,7 @@ class Segmenter:
         threads: int | None = None,
         batch_size: int = 16,
         device: str = "cpu",
+        spinning: bool | None = SPINNING_DEFAULT,
     ) -> Segmenter:
         """Load a model and its :class:`ModelSpec`.
 
@@ -236,6 +215,10 @@ class Segmenter:
             threads: onnxruntime intra-op threads (None = one per core).
             batch_size: most objects per model call.
             device: onnxruntime device, ``"cpu"`` or ``"cuda"``.
+            spinning: onnxruntime's idle worker threads busy-wait (None = onnxruntime's own default,
+                on). Off by default: on 2 cores the spinning workers took the core the overlapped
+                preparation needs, and slowed the model itself when other jobs ran
+                (``benchmarks/bench_prepare.py``, ``docs/results.md``).
 
         Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
         """
@@ -269,7 +252,7 @@ class Segmenter:
                 raise ModelError(f"{path.name} is a TensorRT engine; use backend 'tensorrt'")
             from cmdeploy.backends.onnxruntime import OnnxRuntimeRunner
 
-            runner = OnnxRuntimeRunner(path, threads=threads, device=device)
+            runner = OnnxRuntimeRunner(path, threads=threads, device=device, spinning=spinning)
             try:
                 spec = ModelSpec.from_metadata(runner.metadata)
             except (ValueError, TypeError) as exc:
@@ -353,19 +336,7 @@ class Segmenter:
         h, w = batch.slice_shapes[i]
         if self.fused:
             return output[i], (slice(0, h), slice(0, w))
-        t = batch.transforms[i]
-        s = t.crop_size
-        corners = t.to_slice(np.array([[0, 0], [s - 1, 0], [0, s - 1], [s - 1, s - 1]], np.float64))
-        x0 = max(int(np.floor(corners[:, 0].min())), 0)
-        x1 = min(int(np.ceil(corners[:, 0].max())), w - 1) + 1
-        y0 = max(int(np.floor(corners[:, 1].min())), 0)
-        y1 = min(int(np.ceil(corners[:, 1].max())), h - 1) + 1
-        if x0 >= x1 or y0 >= y1:
-            return np.zeros((0, 0), np.float32), (slice(0, 0), slice(0, 0))
-        xs = np.arange(x0, x1, dtype=np.float64)
-        ys = np.arange(y0, y1, dtype=np.float64)
-        probs = _resample_window(np.asarray(output[i], np.float32), t.matrix, xs, ys)
-        return probs, (slice(y0, y1), slice(x0, x1))
+        return paste_window(np.asarray(output[i], np.float32), batch.transforms[i], (h, w))
 
     def _infer_plain(self, batch: PreparedBatch) -> np.ndarray:
         x = batch.inputs
@@ -400,6 +371,24 @@ class Segmenter:
             for j, i in enumerate(idx):
                 result[i] = probs[j]
         return result  # type: ignore[return-value]
+
+    def _prepared_batches(self, slices: list[np.ndarray], pts: np.ndarray) -> Iterator[PreparedBatch]:
+        """:meth:`prepare` of each ``batch_size`` chunk in order; with :attr:`overlap` and more than
+        one chunk, chunk k+1 is prepared in one worker thread while the caller runs chunk k."""
+        chunks = list(batch_chunks(len(pts), self.batch_size))
+        if not self.overlap or len(chunks) < 2:
+            for a, b in chunks:
+                yield self.prepare(slices[a:b], pts[a:b])
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="cmdeploy-prepare") as pool:
+            a, b = chunks[0]
+            nxt = pool.submit(self.prepare, slices[a:b], pts[a:b])
+            for k in range(len(chunks)):
+                batch = nxt.result()
+                if k + 1 < len(chunks):
+                    a, b = chunks[k + 1]
+                    nxt = pool.submit(self.prepare, slices[a:b], pts[a:b])
+                yield batch
 
     # --------------------------------------------------------------------------- predictors
     def predict(
@@ -475,10 +464,17 @@ class Segmenter:
         pts = np.stack(checked_pts) if checked_pts else np.zeros((0, 4, 2), np.float32)
 
         results: list[np.ndarray] = []
-        for a, b in batch_chunks(len(pts), self.batch_size):
-            batch = self.prepare(slice_list[a:b], pts[a:b])
+        for batch in self._prepared_batches(slice_list, pts):
             out = self.infer(batch)
             for i in range(len(batch)):
-                p = self.slice_probabilities(batch, out, i)
-                results.append(p if return_probabilities else self.to_mask(p, batch.points[i]))
+                probs, window = self.slice_window(batch, out, i)
+                if return_probabilities:
+                    full = probs if self.fused else np.zeros(batch.slice_shapes[i], np.float32)
+                else:  # threshold (and post-process) only the crop's footprint
+                    origin = (window[1].start or 0, window[0].start or 0)
+                    probs = self.to_mask(probs, batch.points[i], origin)
+                    full = np.zeros(batch.slice_shapes[i], bool)
+                if full is not probs:
+                    full[window] = probs
+                results.append(full)
         return results

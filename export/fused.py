@@ -1,4 +1,4 @@
-"""Fused-preprocessing ONNX: raw HU slices and extreme points in, full-slice probabilities out.
+r"""Fused-preprocessing ONNX: raw HU slices and extreme points in, full-slice probabilities out.
 
 :class:`FusedSegmenter` wraps a trained network with the whole runtime path of
 :mod:`cmdeploy.preprocess` written as tensor operations, so one ONNX graph does what
@@ -6,17 +6,23 @@
 
 1. bounding box of the points, ``z = target_size / max(max(w, h), 1)``, the crop matrix of
    :func:`cmdeploy.geometry.crop_transform` (box centre -> crop centre ``((S-1)/2, (S-1)/2)``),
-2. the slice coordinates of every crop pixel -> ``GridSample`` (bilinear, ``align_corners=True``);
-   samples whose source lies outside ``[0, W-1] x [0, H-1]`` get ``spec.pad_hu`` exactly as
-   :func:`cmdeploy.geometry.sample_bilinear` (an explicit inside mask, not zero-padding blends),
+2. the slice coordinates of the crop's columns and rows (1-D, per object) -> separable bilinear
+   sampling exactly as :func:`cmdeploy.geometry.sample_grid` (the same float32 operations in the
+   same order: along x over every slice row, then along y, by whole-row ``Gather``\s); samples
+   whose source lies outside ``[0, W-1] x [0, H-1]`` get ``spec.pad_hu``,
 3. window + normalisation (:func:`cmdeploy.preprocess.window_normalize`),
 4. the guidance channel(s) from the crop-space points: the confidence map of
    :func:`cmdeploy.guidance.confidence_map` (line intersection with the parallel fallback,
    side-dependent sigma with the tie rule, sigma >= 1 px; every variant) and/or the Gaussians of
    :func:`cmdeploy.guidance.gaussian_heatmap`,
 5. the network, sigmoid,
-6. paste-back: each slice pixel's crop coordinates through the forward matrix -> ``GridSample`` of
-   the crop probabilities, 0 outside the crop (:func:`cmdeploy.geometry.paste_back`).
+6. paste-back: the crop coordinates of the slice's columns and rows through the forward matrix ->
+   the same separable sampling of the crop probabilities, 0 outside the crop
+   (:func:`cmdeploy.geometry.paste_back`).
+
+Issue 18 removed the two ``GridSample``\s: they worked on per-pixel coordinate tensors (float64 at
+slice size for the paste-back), and with the confidence map's broadcast ``Where``\s they made the
+graph slower on CPU than NumPy + the plain model (timings in docs/results.md).
 
 ONNX interface: inputs ``slices`` (B, H, W) float32 HU and ``points`` (B, 4, 2) float32 slice pixels
 (order left, right, top, bottom; each (x = column, y = row)); output ``probabilities`` (B, H, W)
@@ -26,16 +32,16 @@ float32. B, H and W are dynamic. The debug variant adds ``network_input`` (B, C,
 Precision: per-object scalars (box, zoom, crop matrix, crop-space points, line intersection, unit
 vectors, sigmas) run in ``geometry_dtype`` with the NumPy path's operation order, per-pixel maps in
 float32 as there. With ``"float64"`` (default) the in-graph confidence map equals
-:func:`cmdeploy.guidance.confidence_map` to float32 rounding (0 difference on the parity slices);
+:func:`cmdeploy.guidance.confidence_map` to float32 rounding (torch's float32 ``sqrt`` is not
+correctly rounded, onnxruntime's is), and the crop and paste-back samplers equal NumPy's bit for bit;
 ``"float32"`` gives a graph without FP64 tensors for TensorRT (maps within the 1e-4 tolerance of
 ``tests/test_fused.py``; measured differences in docs/results.md); TensorRT has no FP64 and its
-parser would cast a float64 graph to float32 silently. The image channel differs by GridSample's
-float32 interpolation weights.
+parser would cast a float64 graph to float32 silently.
 
 TensorRT-parsable by construction (checked by :mod:`cmdeploy.export.trt_lint` in the tests):
-no ``AffineGrid`` (the crop grid is elementwise arithmetic feeding ``GridSample``), opset
-16..19 (:data:`MAX_FUSED_OPSET`), the dynamic pixel grids as an integer ``Range`` followed by a
-``Cast``, and with ``"float32"`` geometry no FP64.
+no ``AffineGrid`` or ``GridSample`` (1-D coordinates, ``Gather`` of whole rows), opset 16..19
+(:data:`MAX_FUSED_OPSET`, kept from the ``GridSample`` graph), the dynamic pixel grids as an integer
+``Range`` followed by a ``Cast``, and with ``"float32"`` geometry no FP64.
 
 Built with ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter traces the dynamic H/W
 arithmetic into ``Shape``/``Range`` nodes), then constant-folded with onnx-graphsurgeon.
@@ -94,23 +100,55 @@ def crop_geometry(
     return zoom, offset
 
 
-def _sample(
-    image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, height: Any, width: Any, fill: float
-) -> torch.Tensor:
-    """Bilinear samples of (B, 1, H, W) float32 ``image`` at (B, h, w) pixel coords -> (B, h, w) float32.
+def _axis_taps_t(coords: torch.Tensor, n: Any) -> tuple[torch.Tensor, ...]:
+    """1-D bilinear taps along an axis of ``n`` pixels for (B, k) coordinates, as
+    :func:`cmdeploy.geometry.sample_grid` makes them: ``(lo, hi, w_lo, w_hi, inside)``.
 
-    As :func:`cmdeploy.geometry.sample_bilinear`: coordinates outside ``[0, W-1] x [0, H-1]`` (tested
-    in the coordinates' own dtype) get ``fill``; inside ones are interpolated by ``GridSample``
-    (``align_corners=True``; border padding only ever feeds the exact edge).
+    ``lo``/``hi`` are int64 pixel indices, ``w_lo = (1 - frac) * inside`` and ``w_hi = frac *
+    inside`` float32 weights (exactly ``1 - frac`` and ``frac`` inside, 0 outside, so a sample
+    outside the axis comes out 0 without a per-pixel select); ``inside`` float32 0/1. Inside-ness
+    is tested in the coordinates' own dtype.
     """
-    wm1 = (width - 1).to(xs.dtype) if torch.is_tensor(width) else float(width - 1)
-    hm1 = (height - 1).to(ys.dtype) if torch.is_tensor(height) else float(height - 1)
-    inside = (xs >= 0) & (xs <= wm1) & (ys >= 0) & (ys <= hm1)
-    grid = torch.stack([xs * (2.0 / wm1) - 1.0, ys * (2.0 / hm1) - 1.0], dim=-1).to(torch.float32)
-    out = nn.functional.grid_sample(
-        image, grid, mode="bilinear", padding_mode="border", align_corners=True
-    )[:, 0]
-    return torch.where(inside, out, torch.full_like(out, fill))
+    nm1 = (n - 1).to(coords.dtype) if torch.is_tensor(n) else float(n - 1)
+    inside = ((coords >= 0) & (coords <= nm1)).to(torch.float32)
+    c = torch.minimum(torch.clamp(coords, min=0.0), torch.full_like(coords, 1.0) * nm1)
+    top = torch.clamp(n - 2, min=0) if torch.is_tensor(n) else max(n - 2, 0)
+    lo = torch.minimum(torch.floor(c).to(torch.int64), torch.ones_like(c, dtype=torch.int64) * top)
+    hi = torch.minimum(lo + 1, torch.ones_like(lo) * (n - 1))
+    frac = (c - lo.to(c.dtype)).to(torch.float32)
+    return lo, hi, (1 - frac) * inside, frac * inside, inside
+
+
+def _gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, i, :] = rows[b, index[b, i], :]`` for (B, R, L) ``rows`` and (B, k) int64 ``index``.
+
+    One ``Gather`` of whole rows from the (B * R, L) view (flat index ``b * R + index``): no
+    per-element index tensors (``GatherElements`` would need a (B, k, L) int64 index).
+    """
+    b, r, length = rows.shape[0], rows.shape[1], rows.shape[2]
+    flat = index + torch.arange(b, dtype=torch.int64)[:, None] * r
+    picked = torch.index_select(rows.reshape(b * r, length), 0, flat.reshape(-1))
+    return picked.reshape(b, index.shape[1], length)
+
+
+def _sample_grid_t(image: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill: float) -> torch.Tensor:
+    """Bilinear samples of (B, H, W) float32 ``image`` on each item's grid ``ys[b] x xs[b]`` ->
+    (B, len(ys), len(xs)) float32; ``fill`` outside ``[0, W-1] x [0, H-1]``.
+
+    The separable scheme and float32 operation order of :func:`cmdeploy.geometry.sample_grid`
+    (along x over every row first, then along y): whole-row ``Gather`` ops on the transposed image,
+    then of the x-interpolated rows; outside samples are zeroed through the tap weights and get
+    ``fill`` added. No ``GridSample``, no per-pixel coordinates or selects.
+    """
+    x0, x1, wx0, wx1, in_x = _axis_taps_t(xs, image.shape[2])
+    y0, y1, wy0, wy1, in_y = _axis_taps_t(ys, image.shape[1])
+    columns = image.transpose(1, 2)  # (B, W, H): a column of the image per row
+    along_x = _gather_rows(columns, x0) * wx0[:, :, None] + _gather_rows(columns, x1) * wx1[:, :, None]
+    rows = along_x.transpose(1, 2)  # (B, H, nx)
+    out = _gather_rows(rows, y0) * wy0[:, :, None] + _gather_rows(rows, y1) * wy1[:, :, None]
+    if fill != 0.0:
+        out = out + fill * (1.0 - in_y[:, :, None] * in_x[:, None, :])
+    return out
 
 
 # ------------------------------------------------------------------------------ guidance
@@ -138,17 +176,20 @@ def cross_centre_t(points: torch.Tensor) -> torch.Tensor:
     return torch.where(parallel[:, None], points.mean(dim=1), centre)
 
 
-def _segment_terms(
+def _segment_sq_distance(
     p: torch.Tensor,
     q: torch.Tensor,
     c: torch.Tensor,
     xs: torch.Tensor,
     ys: torch.Tensor,
     sigma_mode: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to segment (p, q) and per-pixel sigma, float32 (B, S, S).
+) -> torch.Tensor:
+    """``(dist / sigma)**2`` to segment (p, q), float32 (B, S, S), as
+    :func:`cmdeploy.guidance.segment_sq_distance`.
 
     ``p``, ``q``, ``c`` are (B, 2) in the geometry dtype; ``xs`` (1, 1, S), ``ys`` (1, S, 1) float32.
+    The same float32 operations as the NumPy path (outer sums, clip, ``1 / sigma**2`` by side of c
+    with the 1e-3 px level band), densely.
     """
     d = q - p
     length = _norm(d)
@@ -160,23 +201,30 @@ def _segment_terms(
     uy = _f32(unit[:, 1])[:, None, None]
     rx = xs - _f32(p[:, 0])[:, None, None]  # (B, 1, S)
     ry = ys - _f32(p[:, 1])[:, None, None]  # (B, S, 1)
-    along = rx * ux + ry * uy  # (B, S, S): position along S from p
+    along = ry * uy + rx * ux  # (B, S, S): position along S from p
     perp = ry * ux - rx * uy
     length32 = _f32(length)[:, None, None]
     beyond = along - torch.minimum(torch.clamp(along, min=0.0), length32)
-    dist = torch.sqrt(perp * perp + beyond * beyond)
+    dist2 = perp * perp + beyond * beyond
     if sigma_mode == "half":
-        sigma = _f32(torch.clamp(length / 2.0, min=_MIN_SIGMA))[:, None, None]
-        return dist, sigma.expand_as(dist)
+        half = torch.clamp(length / 2.0, min=_MIN_SIGMA)
+        return dist2 * _f32(1.0 / (half * half))[:, None, None]
     sig_p = torch.clamp(_norm(c - p), min=_MIN_SIGMA)
     sig_q = torch.clamp(_norm(c - q), min=_MIN_SIGMA)
-    # signed position along S measured from c: < 0 on p's side, > 0 on q's side
-    side = (xs - _f32(c[:, 0])[:, None, None]) * ux + (ys - _f32(c[:, 1])[:, None, None]) * uy
-    sp = _f32(sig_p)[:, None, None]
-    sq = _f32(sig_q)[:, None, None]
-    tie = _f32((sig_p + sig_q) / 2.0)[:, None, None]
-    sigma = torch.where(side < -_TIE_EPS, sp, torch.where(side > _TIE_EPS, sq, tie))
-    return dist, sigma
+    tie = (sig_p + sig_q) / 2.0
+    # position of c along S from p; pixels before t_c - 1e-3 are on p's side, after t_c + 1e-3 on q's
+    t_c = (c[:, 0] - p[:, 0]) * unit[:, 0] + (c[:, 1] - p[:, 1]) * unit[:, 1]
+    lo = _f32(t_c - _TIE_EPS)[:, None, None]
+    hi = _f32(t_c + _TIE_EPS)[:, None, None]
+    k_p = _f32(1.0 / (sig_p * sig_p))[:, None, None]
+    k_q = _f32(1.0 / (sig_q * sig_q))[:, None, None]
+    k_tie = _f32(1.0 / (tie * tie))[:, None, None]
+    # the side's 1 / sigma**2 by 0/1 masks (exact: one product is k, the others 0), which onnxruntime
+    # runs far faster than a broadcast Where
+    on_p = (along < lo).to(torch.float32)
+    on_q = (along > hi).to(torch.float32)
+    k = on_p * k_p + on_q * k_q + (1.0 - on_p - on_q) * k_tie
+    return dist2 * k
 
 
 def confidence_map_t(
@@ -185,31 +233,29 @@ def confidence_map_t(
     """Tensor version of :func:`cmdeploy.guidance.confidence_map` on an (S, S) grid: float32 (B, S, S).
 
     ``points`` (B, 4, 2), order left, right, top, bottom, each (x, y) in crop pixels; float64 for
-    the NumPy path's exact arithmetic, float32 for a TensorRT-friendly graph.
+    the NumPy path's exact arithmetic, float32 for a TensorRT-friendly graph. With ``a = d_A**2``,
+    ``b = d_B**2`` the paper's map is ``1 / (1 + sqrt(min(a, b) * (a + b)))``, as in NumPy.
     """
     xs = torch.arange(size, dtype=torch.float32)[None, None, :]
     ys = torch.arange(size, dtype=torch.float32)[None, :, None]
     c = cross_centre_t(points)
     sigma_mode = "half" if variant == "authors" else "side"
-    dist_a, sig_a = _segment_terms(points[:, 0], points[:, 1], c, xs, ys, sigma_mode)
-    dist_b, sig_b = _segment_terms(points[:, 2], points[:, 3], c, xs, ys, sigma_mode)
-    d_a = dist_a / sig_a
-    d_b = dist_b / sig_b
+    a = _segment_sq_distance(points[:, 0], points[:, 1], c, xs, ys, sigma_mode)
+    b = _segment_sq_distance(points[:, 2], points[:, 3], c, xs, ys, sigma_mode)
     if variant == "paper":
-        d1 = torch.minimum(d_a, d_b)
-        d2 = torch.sqrt(d_a * d_a + d_b * d_b)
-        return 1.0 / (1.0 + d1 * d2)
+        return 1.0 / (1.0 + torch.sqrt(torch.minimum(a, b) * (a + b)))
     if variant == "authors":
         t = 7.0 if tau is None else float(tau)
-        out = 1.0 / (1.0 + t * torch.minimum(d_a, d_b) * (d_a + d_b))
+        d_a, d_b = torch.sqrt(a), torch.sqrt(b)
+        out = 1.0 / (1.0 + torch.minimum(d_a, d_b) * t * (d_a + d_b))
         lo = out.amin(dim=(1, 2), keepdim=True)
         hi = out.amax(dim=(1, 2), keepdim=True)
         return (out - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     t = 1.0 if tau is None else float(tau)
     if variant == "chebyshev":
-        d = torch.maximum(d_a, d_b)
+        d = torch.sqrt(torch.maximum(a, b))
     elif variant == "mahalanobis":
-        d = torch.sqrt(d_a * d_a + d_b * d_b)
+        d = torch.sqrt(a + b)
     else:
         raise ValueError(f"unknown confidence-map variant {variant!r}")
     return (d <= t).to(torch.float32)
@@ -275,17 +321,13 @@ class FusedSegmenter(nn.Module):
         height, width = slices.shape[1], slices.shape[2]
         pts = points.to(self.gdtype)
         zoom, offset = crop_geometry(pts, spec.target_size, s)  # (B,), (B, 2)
-        z = zoom[:, None, None]
-        off_x = offset[:, 0, None, None]
-        off_y = offset[:, 1, None, None]
-
-        # crop: slice coordinates of every crop pixel, through the inverse matrix
-        # (1/z, -(1/z) * off), as cmdeploy.geometry.warp_affine
-        rz = 1.0 / z
-        u = self.crop_grid
-        xs = (rz * u[None, None, :] + (-(rz * off_x))).expand(-1, s, s)
-        ys = (rz * u[None, :, None] + (-(rz * off_y))).expand(-1, s, s)
-        crop_hu = _sample(slices[:, None], xs, ys, height, width, spec.pad_hu)
+        # crop: slice coordinates of the crop's columns and rows, through the inverse matrix
+        # (1/z, -(1/z) * off), as cmdeploy.geometry.warp_affine; then separable sampling
+        rz = 1.0 / zoom[:, None]
+        u = self.crop_grid[None, :]
+        xs = rz * u + (-(rz * offset[:, 0, None]))  # (B, S)
+        ys = rz * u + (-(rz * offset[:, 1, None]))
+        crop_hu = _sample_grid_t(slices, xs, ys, spec.pad_hu)
 
         lo, hi = spec.window
         image = (torch.clamp(crop_hu, lo, hi) - lo) / (hi - lo)
@@ -295,14 +337,14 @@ class FusedSegmenter(nn.Module):
         net_in = torch.cat([image[:, None], guidance_t(points_crop, spec)], dim=1)
         crop_probs = torch.sigmoid(self.network(net_in))  # (B, 1, S, S)
 
-        # paste back: crop coordinates of every slice pixel, through the forward matrix
+        # paste back: crop coordinates of the slice's columns and rows, through the forward matrix,
+        # then separable sampling of the crop probabilities (cmdeploy.geometry.paste_window)
         # integer Range + Cast: TensorRT's parser takes a float Range only with constant bounds
         gx = torch.arange(width).to(self.gdtype)
         gy = torch.arange(height).to(self.gdtype)
-        us = z * gx[None, None, :] + off_x  # (B, 1, W)
-        vs = z * gy[None, :, None] + off_y  # (B, H, 1)
-        us, vs = torch.broadcast_tensors(us, vs)
-        probs = _sample(crop_probs, us, vs, s, s, 0.0)
+        us = zoom[:, None] * gx[None, :] + offset[:, 0, None]  # (B, W)
+        vs = zoom[:, None] * gy[None, :] + offset[:, 1, None]  # (B, H)
+        probs = _sample_grid_t(crop_probs[:, 0], us, vs, 0.0)
         if self.debug:
             return probs, net_in, crop_probs[:, 0]
         return probs

@@ -19,9 +19,12 @@ from cmdeploy.geometry import (
     compose_affine,
     crop_image,
     crop_transform,
+    crop_transforms,
     invert_affine,
     paste_back,
+    paste_window,
     sample_bilinear,
+    sample_grid,
     warp_affine,
     zoom_factor,
 )
@@ -218,3 +221,76 @@ def test_paste_back_errors_and_empty_footprint():
         paste_back(np.zeros((31, 32), np.float32), t, (40, 40))
     far = CropTransform(np.array([[1.0, 0.0, -500.0], [0.0, 1.0, -500.0]]), 32)  # crop far outside
     assert not paste_back(np.ones((32, 32), np.float32), far, (40, 40)).any()
+
+
+# ------------------------------------------------------------------ separable fast paths (issue 18)
+
+
+@PROPS
+@given(
+    st.integers(2, 40),
+    st.integers(2, 40),
+    st.lists(st.floats(-6.0, 46.0), min_size=1, max_size=30),
+    st.lists(st.floats(-6.0, 46.0), min_size=1, max_size=30),
+    st.sampled_from([0.0, -1024.0]),
+    st.integers(0, 2**31 - 1),
+)
+def test_sample_grid_equals_sample_bilinear_bit_for_bit(h, w, xs, ys, fill, seed):
+    img = np.random.default_rng(seed).normal(0, 500, (h, w)).astype(np.float32)
+    xs, ys = np.array(xs), np.array(ys)
+    want = sample_bilinear(img, xs[None, :], ys[:, None], fill=fill)
+    got = sample_grid(img, xs, ys, fill=fill)
+    assert got.dtype == np.float32 and got.shape == (len(ys), len(xs))
+    np.testing.assert_array_equal(got, want)
+
+
+def _warp_2d(image, matrix, size, fill):
+    """warp_affine's general path, spelt out: every output pixel's source through the inverse."""
+    inv = invert_affine(matrix)
+    us = np.arange(size, dtype=np.float64)[None, :]
+    vs = np.arange(size, dtype=np.float64)[:, None]
+    xs = inv[0, 0] * us + inv[0, 1] * vs + inv[0, 2]
+    ys = inv[1, 0] * us + inv[1, 1] * vs + inv[1, 2]
+    return sample_bilinear(image, xs, ys, fill=fill)
+
+
+@PROPS
+@given(object_points(), st.sampled_from([16, 33, 64]), st.floats(0.05, 1.0), st.booleans())
+def test_unrotated_crops_and_paste_back_equal_the_2d_path(pts, size, frac, flip):
+    # zoom from strong minification (frac * size / 300 px, the rows-subset branch) to magnification
+    img = np.random.default_rng(1).normal(0, 300, (120, 90)).astype(np.float32)
+    t = crop_transform(pts, size, frac * size, flip=flip)
+    crop = crop_image(img, t, fill=-1024.0)
+    np.testing.assert_array_equal(crop, _warp_2d(img, t.matrix, size, -1024.0))
+    out = np.empty((size, size), np.float32)
+    assert crop_image(img, t, fill=-1024.0, out=out) is out
+    np.testing.assert_array_equal(out, crop)
+    # paste-back: the footprint window equals sampling every slice pixel through the forward map
+    values, (rows, cols) = paste_window(crop, t, img.shape)
+    full = np.zeros(img.shape, np.float32)
+    full[rows, cols] = values
+    np.testing.assert_array_equal(full, paste_back(crop, t, img.shape))
+    m = t.matrix
+    xs = np.arange(img.shape[1], dtype=np.float64)[None, :]
+    ys = np.arange(img.shape[0], dtype=np.float64)[:, None]
+    ref = sample_bilinear(crop, m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2])
+    np.testing.assert_array_equal(full, ref)
+
+
+def test_rotated_warp_still_takes_the_general_path():
+    img = np.random.default_rng(2).normal(0, 300, (50, 60)).astype(np.float32)
+    t = crop_transform(np.array([[5.0, 20], [40, 22], [22, 3], [21, 41]]), 32, 20.0, rotation_deg=17.0)
+    np.testing.assert_array_equal(crop_image(img, t), _warp_2d(img, t.matrix, 32, 0.0))
+    values, window = paste_window(crop_image(img, t), t, img.shape)
+    assert values.shape == (window[0].stop - window[0].start, window[1].stop - window[1].start)
+
+
+@PROPS
+@given(st.lists(object_points(), min_size=1, max_size=6), st.integers(16, 512), st.floats(0.1, 1.0))
+def test_crop_transforms_equal_crop_transform_per_item(sets, size, frac):
+    pts = np.stack(sets)
+    got = crop_transforms(pts, size, frac * size)
+    for p, t in zip(pts, got, strict=True):
+        want = crop_transform(p, size, frac * size)
+        np.testing.assert_array_equal(t.matrix, want.matrix)
+        assert t.crop_size == want.crop_size

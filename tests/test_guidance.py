@@ -575,3 +575,80 @@ def test_guidance_command_bad_inputs_exit_2(tmp_path):
     result = runner.invoke(_guidance_app(), args)
     assert result.exit_code == 2 and "variant" in result.output
     assert not (tmp_path / "o.png").exists()
+
+
+# ------------------------------------------------------------- fast path (issue 18): exactness
+
+
+def _dense_reference(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The paper map with the same float32 operations as confidence_map, every pixel tested densely
+    for its side of c (no band, no sparse level pixels): the implementation must equal it exactly."""
+    from cmdeploy.guidance import segment_frame
+
+    pts = validate_points(points)
+    c = cross_centre(pts)
+    h, w = shape
+    sq = []
+    frames = (segment_frame(pts[:, 0], pts[:, 1], c, "side"), segment_frame(pts[:, 2], pts[:, 3], c, "side"))
+    for fr in frames:
+        f32 = np.float32
+        rx = np.arange(w, dtype=f32) - f32(fr.px[0])
+        ry = np.arange(h, dtype=f32) - f32(fr.py[0])
+        along = (ry * f32(fr.uy[0]))[:, None] + (rx * f32(fr.ux[0]))[None, :]
+        perp = (ry * f32(fr.ux[0]))[:, None] - (rx * f32(fr.uy[0]))[None, :]
+        beyond = along - np.clip(along, f32(0), f32(fr.length[0]))
+        lo, hi = f32(fr.t_c[0] - 1e-3), f32(fr.t_c[0] + 1e-3)
+        k = np.where(along < lo, f32(fr.k_p[0]), np.where(along > hi, f32(fr.k_q[0]), f32(fr.k_tie[0])))
+        sq.append((perp * perp + beyond * beyond) * k)
+    a, b = sq
+    return (f32(1) / (f32(1) + np.sqrt(np.minimum(a, b) * (a + b)))).astype(np.float32)
+
+
+@PROPS
+@given(integer_crosses())
+def test_band_and_sparse_level_pixels_equal_the_dense_side_test_on_integer_points(case):
+    # integer points put whole lines of pixels exactly level with c: the tie rule must hit them all
+    pts = case[0]
+    np.testing.assert_array_equal(confidence_map(pts, GRID), _dense_reference(pts, GRID))
+
+
+@PROPS
+@given(generic_points(), st.integers(0, 3))
+def test_band_and_sparse_level_pixels_equal_the_dense_side_test(pts, k):
+    pts = np.asarray(pts) * (1 + k)  # larger grids: the band is a small part of the map
+    shape = (GRID[0] * (1 + k), GRID[1] * (1 + k))
+    np.testing.assert_array_equal(confidence_map(pts, shape), _dense_reference(pts, shape))
+
+
+def test_out_argument_writes_strided_network_input_and_checks_it():
+    sets = np.array([[[3.3, 20.7], [44.1, 17.2], [25.6, 2.4], [21.9, 37.5]],
+                     [[5.0, 9.0], [30.0, 12.0], [14.0, 1.0], [16.0, 21.0]]])
+    x = np.zeros((2, 3, 40, 48), np.float32)
+    res = confidence_map(sets, (40, 48), out=x[:, 1])
+    assert np.shares_memory(res, x)
+    np.testing.assert_array_equal(x[:, 1], confidence_map(sets, (40, 48)))
+    assert not x[:, 0].any() and not x[:, 2].any()  # nothing else touched
+    one = np.empty((40, 48), np.float32)
+    np.testing.assert_array_equal(confidence_map(sets[0], (40, 48), out=one), x[0, 1])
+    with pytest.raises(ValueError, match="shape"):
+        confidence_map(sets, (40, 48), out=np.empty((2, 40, 47), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        confidence_map(sets, (40, 48), out=np.empty((2, 40, 48), np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        confidence_map(sets, (40, 48), out=np.empty((2, 48, 40), np.float32).transpose(0, 2, 1))
+
+
+def test_per_thread_scratch_buffers_give_the_same_maps_concurrently():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    sets = []
+    for _ in range(8):
+        c = rng.uniform(20, 44, 2)
+        e = rng.uniform(4, 18, 4)
+        sets.append(np.array([c - [e[0], 1], c + [e[1], 2], c - [1, e[2]], c + [2, e[3]]]))
+    want = [confidence_map(p, (64, 64)) for p in sets]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: confidence_map(p, (64, 64)), sets * 4))
+    for i, g in enumerate(got):
+        np.testing.assert_array_equal(g, want[i % len(sets)])

@@ -78,6 +78,9 @@ def test_predict_equals_predict_batch(seg: Segmenter) -> None:
     for img, pts, pb, mb in zip(items_s, items_p, batch, masks, strict=True):
         np.testing.assert_array_equal(seg.predict(img, pts, return_probabilities=True), pb)
         np.testing.assert_array_equal(seg.predict(img, pts), mb)
+        # masks are thresholded on the crop's footprint only: the same as on the whole slice
+        np.testing.assert_array_equal(mb, pb > seg.threshold)
+        assert mb.dtype == bool and mb.shape == img.shape
     # stacked (N, H, W) slices and one shared 2-D slice give the same as lists
     same = [slices[0]] * 3
     ref = seg.predict_batch(same, items_p[:3])
@@ -90,6 +93,27 @@ def test_predict_equals_predict_batch(seg: Segmenter) -> None:
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert seg.predict_batch([], []) == []
+
+
+def test_overlapped_preparation_gives_the_same_results(seg: Segmenter) -> None:
+    """predict_batch prepares batch k+1 in a worker thread while batch k runs: same outputs, same order."""
+    rng = np.random.default_rng(8)
+    img = _slice((96, 128), 4)
+    pts = []
+    for _ in range(8):  # batch_size 3: three batches
+        x0, y0 = rng.uniform(4, 40, 2)
+        corners = [[x0, y0 + 20], [x0 + 50, y0 + 21], [x0 + 25, y0], [x0 + 24, y0 + 45]]
+        pts.append(np.array(corners, np.float32))
+    assert seg.batch_size < len(pts)
+    try:
+        seg.overlap = True
+        overlapped = seg.predict_batch([img] * len(pts), pts, return_probabilities=True)
+        seg.overlap = False
+        sequential = seg.predict_batch([img] * len(pts), pts, return_probabilities=True)
+    finally:
+        del seg.overlap  # back to the class default
+    for a, b in zip(overlapped, sequential, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_plain_model_matches_numpy_reference(seg: Segmenter, plain_model_path: Path) -> None:

@@ -384,12 +384,13 @@ def test_fresh_fused_export_float32_is_compatible(fused32):
     report = lint_model(model)
     assert report.ok and not report.warnings, report.summary()
     ops = [n.op_type for n in model.graph.node]
-    assert "AffineGrid" not in ops and ops.count("GridSample") == 2
+    assert "AffineGrid" not in ops and "GridSample" not in ops  # separable whole-row Gathers
+    assert "GatherElements" not in ops
     ranges = [n for n in model.graph.node if n.op_type == "Range"]
-    assert len(ranges) == 2
     users = {t: n for n in model.graph.node for t in n.input}
-    for r in ranges:
-        assert users[r.output[0]].op_type == "Cast", r.name
+    # the two dynamic pixel grids: integer Range + Cast (the lint above refuses a float Range with
+    # dynamic bounds); the others are the integer batch offsets (b * rows) of the row gathers
+    assert len([r for r in ranges if users[r.output[0]].op_type == "Cast"]) == 2
     assert report.profiles["slices"]["max"] == [32, 1024, 1024]
 
 

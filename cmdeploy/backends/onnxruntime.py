@@ -39,6 +39,8 @@ class OnnxRuntimeRunner:
     Args:
         model_path: the ``.onnx`` file.
         threads: ``intra_op_num_threads`` (None or 0 = onnxruntime's default: one per core).
+        spinning: whether idle intra-op worker threads busy-wait for work
+            (``session.intra_op.allow_spinning``); None = onnxruntime's default (on).
         device: ``"cpu"`` (CPUExecutionProvider) or ``"cuda"`` (CUDAExecutionProvider first, CPU as
             fallback for unsupported nodes); ``"cuda"`` raises :class:`ModelError` when this
             onnxruntime build has no CUDA provider.
@@ -48,7 +50,14 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, *, threads: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        spinning: bool | None = None,
+    ):
         import onnxruntime as ort
 
         path = Path(model_path)
@@ -75,6 +84,8 @@ class OnnxRuntimeRunner:
         opts.intra_op_num_threads = int(threads or 0)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only
+        if spinning is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
