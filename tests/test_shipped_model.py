@@ -77,3 +77,36 @@ def test_int8_keeps_dice_on_real_objects() -> None:
     assert len(dices[0]) > 40
     assert dices[0].mean() > 0.85 and dices[1].mean() > 0.85
     assert abs(dices[0].mean() - dices[1].mean()) < 0.01
+
+
+def test_shipped_checkpoint_is_the_onnx_models_weights() -> None:
+    """cmdeploy-default.pt (what `cmdeploy train --init` starts from) computes the plain model's
+    logits, and every shipped ONNX names it as its source."""
+    pytest.importorskip("torch")
+    import onnx
+    import torch
+
+    from cmdeploy.hashing import file_sha256
+    from cmdeploy.preprocess import prepare_batch
+    from cmdeploy.train.checkpoint import Checkpoint
+
+    ckpt_path = MODELS / "cmdeploy-default.pt"
+    ckpt = Checkpoint.load(ckpt_path)
+    assert ckpt.optimizer_state is None and ckpt_path.stat().st_size < 16e6
+    sha = file_sha256(ckpt_path)
+    for name in VARIANTS:
+        proto = onnx.load(str(MODELS / name), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta.get("cmdeploy.checkpoint_sha256") == sha, name
+    from pydicom.data import get_testdata_file
+
+    series = open_series(get_testdata_file("CT_small.dcm"))
+    rows = read_points_csv(EXAMPLE, series)
+    x, _ = prepare_batch([series.slice_hu(0)] * len(rows), [r.points for r in rows], ckpt.spec)
+    with torch.no_grad():
+        ref = ckpt.build_model().eval()(torch.from_numpy(x)).numpy()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(MODELS / VARIANTS[0]), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert np.abs(out - ref).max() < 1e-3
