@@ -62,7 +62,8 @@ model: $(STAMP)
 	$(BIN)/cmdeploy train $(RECIPE) --train-cases abdomen_3mm --val-cases thorax_1p5mm --out runs/compact_cm --overwrite
 	$(BIN)/cmdeploy train $(RECIPE) --no-validation --recipe-checkpoint runs/compact_cm/last.pt --out runs/compact_cm_all \
 		--overwrite
-	$(BIN)/python -m cmdeploy.train.checkpoint --weights-only runs/compact_cm_all/best.pt $(MODELS)/cmdeploy-default.pt
+	$(BIN)/python -m cmdeploy.train.checkpoint --weights-only runs/compact_cm_all/best.pt $(MODELS)/cmdeploy-default.pt \
+		--overwrite
 	$(BIN)/cmdeploy export --checkpoint $(MODELS)/cmdeploy-default.pt --overwrite --output $(MODELS)/cmdeploy-default.onnx
 	$(BIN)/cmdeploy export --checkpoint $(MODELS)/cmdeploy-default.pt --fused --fused-geometry float32 \
 		--overwrite --output $(MODELS)/cmdeploy-default.fused.onnx

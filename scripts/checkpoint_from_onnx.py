@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,10 +39,13 @@ def bn_of(conv: str) -> str:
 
 
 def recover(onnx_path: str) -> Checkpoint:
-    model_proto = onnx.load(onnx_path)
+    try:
+        model_proto = onnx.load(onnx_path)
+    except Exception as exc:  # protobuf decode errors of several types
+        raise ValueError(f"{onnx_path}: not an ONNX model ({type(exc).__name__})") from exc
     meta = {p.key: p.value for p in model_proto.metadata_props}
     if meta.get("cmdeploy.graph") != "plain":
-        raise SystemExit(f"{onnx_path}: needs a plain cmdeploy export (cmdeploy.graph = plain)")
+        raise ValueError(f"{onnx_path}: needs a plain cmdeploy export (cmdeploy.graph = plain)")
     weights = {i.name: numpy_helper.to_array(i) for i in model_proto.graph.initializer}
     config = ModelConfig.from_dict(json.loads(meta["cmdeploy.model_config"]))
     spec = ModelSpec.from_metadata(meta)
@@ -80,7 +84,15 @@ def main() -> None:
     ap.add_argument("onnx_model")
     ap.add_argument("output")
     args = ap.parse_args()
-    path = recover(args.onnx_model).save(args.output)
+    if not Path(args.onnx_model).is_file():
+        ap.error(f"{args.onnx_model} is not a file")
+    if Path(args.output).exists():
+        ap.error(f"{args.output} exists: remove it first (nothing is overwritten)")
+    try:
+        checkpoint = recover(args.onnx_model)
+    except ValueError as exc:
+        ap.error(str(exc))
+    path = checkpoint.save(args.output)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -185,3 +185,11 @@ def test_weights_only_copy_keeps_everything_but_the_optimiser(trained, tmp_path)
     assert all(torch.equal(light.state_dict[k], v) for k, v in full.state_dict.items())
     assert light.train_info["weights_only_of"] == file_sha256(path)
     assert (tmp_path / "w.pt").stat().st_size < path.stat().st_size
+    before = (tmp_path / "w.pt").read_bytes()
+    for bad in (["--weights-only", str(path), str(tmp_path / "w.pt")],  # exists: needs --overwrite
+                ["--weights-only", str(tmp_path / "none.pt"), str(tmp_path / "v.pt")]):
+        with pytest.raises(SystemExit) as exc:
+            _main(bad)
+        assert exc.value.code == 2
+    assert (tmp_path / "w.pt").read_bytes() == before and not (tmp_path / "v.pt").exists()
+    _main(["--weights-only", str(path), str(tmp_path / "w.pt"), "--overwrite"])

@@ -197,6 +197,12 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--init" in res.output
     res = runner.invoke(app, [*base, "--init", out + "/best.pt", "--resume", out + "/last.pt"])
     assert res.exit_code == 2 and "exclude" in res.output
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    res = runner.invoke(app, ["train", "--data", cfg.data, "--init", str(junk), "--no-progress",
+                              "--out", str(tmp_path / "j")])
+    assert res.exit_code == 2 and "--init" in res.output and "not a cmdeploy checkpoint" in res.output
+    assert not (tmp_path / "j" / "last.pt").exists()
     res = runner.invoke(app, ["train", "--data", cfg.data, "--init", out + "/best.pt", "--threads", "1",
                               "--no-progress", "--batch-size", "4", "--samples-per-epoch", "4",
                               "--val-samples", "4", "--val-cases", "c2", "--epochs", "1",

@@ -329,8 +329,17 @@ def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cmdeploy.train.checkpoint", description="Checkpoint tools.")
     ap.add_argument("--weights-only", nargs=2, metavar=("SOURCE", "TARGET"), required=True,
                     help="write SOURCE without its optimiser state to TARGET")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing TARGET file")
     args = ap.parse_args(argv)
-    out = save_weights_only(*args.weights_only)
+    source, target = (Path(p) for p in args.weights_only)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        ap.error(f"{target} exists and is not a regular file")
+    if target.exists() and not args.overwrite:
+        ap.error(f"{target} exists: pass --overwrite to replace it")
+    try:
+        out = save_weights_only(source, target)
+    except (FileNotFoundError, ValueError) as exc:  # absent, or not a cmdeploy checkpoint
+        ap.error(str(exc))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -364,6 +364,17 @@ def _setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _load_checkpoint(path: str | None, option: str) -> Checkpoint | None:
+    """The checkpoint given by ``option`` (None when not given); a missing or foreign file is an
+    InputError (bad input, before any work)."""
+    if not path:
+        return None
+    try:
+        return Checkpoint.load(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(f"{option}: {exc}") from exc
+
+
 def _model_spec(
     cfg: TrainConfig, resume: Checkpoint | None, init: Checkpoint | None = None
 ) -> tuple[TrainConfig, Any, ModelSpec]:
@@ -586,8 +597,8 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     distributed = world > 1
     if cfg.resume and cfg.init:
         raise InputError("--resume and --init exclude each other (resume continues a run, init starts one)")
-    resume_ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
-    init_ckpt = Checkpoint.load(cfg.init) if cfg.init else None
+    resume_ckpt = _load_checkpoint(cfg.resume, "--resume")
+    init_ckpt = _load_checkpoint(cfg.init, "--init")
     cfg, model_config, spec = _model_spec(cfg, resume_ckpt, init_ckpt)
     splits, train_vols, val_vols, train_samples, val_samples = _load_data(cfg, rank)
 

@@ -89,7 +89,7 @@ def export(
         "must equal the engine's builder's).",
     ),
     threshold: float = typer.Option(
-        None, "--threshold", min=0.0, max=1.0,
+        None, "--threshold",
         help="Run-time mask threshold stored in the model (default: the checkpoint's, 0.5).",
     ),
     postprocess: str = typer.Option(
