@@ -38,6 +38,17 @@ def require(module: str, extra: str, what: str) -> None:
         fail(f"{what} needs {module}: pip install 'cmdeploy[{extra}]'")
 
 
+def check_runtime_options(backends: str | list[str], device: str) -> None:
+    """InputError unless every ``--backend`` is one of the Segmenter's and ``--device`` is cpu/cuda."""
+    from cmdeploy.segmenter import BACKENDS
+
+    for b in [backends] if isinstance(backends, str) else backends:
+        if b not in BACKENDS:
+            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {b!r}")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+
+
 def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """Print ``error: <message>`` on stderr (plain text, scrubbed) and exit with ``code``."""
     from cmdeploy.privacy import scrub

@@ -83,18 +83,15 @@ def run_bench(models: list[Path], *, backends: list[str], batch_sizes: list[int]
     """Run every benchmark and return the JSON-ready result (see :mod:`cmdeploy.benchmarking`)."""
     from rich.markup import escape
 
+    from cmdeploy.commands._common import check_runtime_options
     from cmdeploy.errors import InputError, ModelError
     from cmdeploy.evaluation import flops as flop_count
     from cmdeploy.evaluation import timing
     from cmdeploy.evaluation.run import model_names
     from cmdeploy.privacy import scrub
-    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.segmenter import Segmenter
 
-    for b in backends:
-        if b not in BACKENDS:
-            raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {b!r}")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    check_runtime_options(backends, device)
     for p in models:
         if not Path(p).is_file():
             raise InputError(f"model file '{p}' not found")

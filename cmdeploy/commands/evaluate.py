@@ -117,18 +117,15 @@ def _evaluate(model: list[Path], data: Path, *, cases, labels, reference, names,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmdeploy.annotator import CLICK_PROTOCOLS, ClickModel
-    from cmdeploy.commands._common import wide_console
+    from cmdeploy.commands._common import check_runtime_options, wide_console
     from cmdeploy.errors import InputError
     from cmdeploy.evaluation.run import evaluate as run_evaluation
     from cmdeploy.evaluation.run import model_names
     from cmdeploy.io.cases import find_cases
-    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.segmenter import Segmenter
     from cmdeploy.writers.atomic import OutputDir
 
-    if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    check_runtime_options(backend, device)
     if clicks not in CLICK_PROTOCOLS:
         raise InputError(f"--clicks must be one of {', '.join(CLICK_PROTOCOLS)}, got {clicks!r}")
     if clicks == "annotator" and jitter > 0:

@@ -79,9 +79,10 @@ def _run(data, output, *, points, simulate, cases, names, model, backend, batch_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmdeploy.annotator import ClickModel
+    from cmdeploy.commands._common import check_runtime_options
     from cmdeploy.errors import InputError
     from cmdeploy.labelgen import SUMMARY_NAME, generate_case, plan, summarize
-    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.segmenter import Segmenter
     from cmdeploy.writers.atomic import atomic_write_text
     from cmdeploy.writers.report import report_json
 
@@ -90,10 +91,7 @@ def _run(data, output, *, points, simulate, cases, names, model, backend, batch_
         raise InputError("--points and --simulate exclude each other")
     if points is None and not simulate:
         raise InputError("give --points FOLDER (a <case>.csv per case) or --simulate (clicks on labels)")
-    if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    check_runtime_options(backend, device)
     if model is not None and not model.is_file():
         raise InputError(f"--model '{model}' is not a file")
     names_list = [c.strip() for c in cases.split(",") if c.strip()] if cases else None

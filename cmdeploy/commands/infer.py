@@ -184,18 +184,16 @@ def _infer(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from cmdeploy.commands._common import check_runtime_options
     from cmdeploy.errors import InputError
     from cmdeploy.io import open_series
     from cmdeploy.pipeline import run_pipeline
     from cmdeploy.points_csv import read_points_csv
-    from cmdeploy.segmenter import BACKENDS, Segmenter
+    from cmdeploy.segmenter import Segmenter
     from cmdeploy.writers.atomic import OutputDir
 
     t0 = time.perf_counter()
-    if backend not in BACKENDS:
-        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda, got {device!r}")
+    check_runtime_options(backend, device)
     if triton is not None:
         from cmdeploy.backends.triton import parse_url
 
