@@ -159,6 +159,14 @@ def test_init_fine_tunes_from_weights_with_a_new_schedule(tmp_path: Path) -> Non
             assert torch.equal(ckpt.state_dict[key], value), key
     head = "head.classifier.weight"
     assert not torch.equal(ckpt.state_dict[head], start.state_dict[head])
+    resumed = run_training(replace(  # a frozen fine-tune resumes frozen (no flag needed)
+        tiny_cfg(tmp_path, out_dir=str(tmp_path / "ft"), guidance=None, base_width=None, input_size=None),
+        epochs=2, resume=str(ft.last_path),
+    ))
+    again = Checkpoint.load(resumed.last_path)
+    assert again.epoch == 2 and again.train_info["init"] == ckpt.train_info["init"]
+    frozen = [k for k in start.state_dict if k.startswith("backbone.")]
+    assert all(torch.equal(again.state_dict[k], start.state_dict[k]) for k in frozen)
     with pytest.raises(InputError, match="guidance"):
         run_training(tiny_cfg(tmp_path, out_dir=str(tmp_path / "x"), guidance="cm", init=str(base.best_path)))
 

@@ -378,8 +378,8 @@ def _load_checkpoint(path: str | None, option: str) -> Checkpoint | None:
 def _model_spec(
     cfg: TrainConfig, resume: Checkpoint | None, init: Checkpoint | None = None
 ) -> tuple[TrainConfig, Any, ModelSpec]:
-    """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture and split; a
-    fine-tuned run (``init``) keeps its checkpoint's architecture and spec."""
+    """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture, split and
+    frozen backbone; a fine-tuned run (``init``) keeps its checkpoint's architecture and spec."""
     if init is not None:
         if cfg.guidance not in (None, init.spec.guidance):
             raise InputError(
@@ -396,6 +396,7 @@ def _model_spec(
             train_cases=tuple(info.get("split", {}).get("train", cfg.train_cases)),
             val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
             guidance=resume.spec.guidance,
+            freeze_backbone=bool((info.get("init") or {}).get("freeze_backbone", False)),
         )
         return cfg, resume.model_config, resume.spec
     overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
@@ -468,9 +469,11 @@ def _resume(
 def _train_info(
     cfg: TrainConfig, splits: dict[str, list], spec: ModelSpec, model_config: Any, *,
     samples_per_epoch: int, num_train: int, num_val: int, world: int,
+    resumed_init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run's provenance, stored in every checkpoint (history and best metrics are added)."""
-    init = None
+    """The run's provenance, stored in every checkpoint (history and best metrics are added);
+    ``resumed_init``: the fine-tuning record of the run being resumed."""
+    init = resumed_init
     if cfg.init:
         init = {"checkpoint": str(Path(cfg.init).resolve()), "checkpoint_sha256": file_sha256(cfg.init),
                 "freeze_backbone": cfg.freeze_backbone}
@@ -650,6 +653,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     train_info = _train_info(
         cfg, splits, spec, model_config, samples_per_epoch=len(sampler) * world,
         num_train=len(train_samples), num_val=len(val_samples), world=world,
+        resumed_init=resume_ckpt.train_info.get("init") if resume_ckpt is not None else None,
     )
 
     net.train()
