@@ -331,11 +331,14 @@ def _main(argv: list[str] | None = None) -> None:
                     help="write SOURCE without its optimiser state to TARGET")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing TARGET file")
     args = ap.parse_args(argv)
-    source, target = (Path(p) for p in args.weights_only)
-    if target.is_symlink() or (target.exists() and not target.is_file()):
-        ap.error(f"{target} exists and is not a regular file")
-    if target.exists() and not args.overwrite:
-        ap.error(f"{target} exists: pass --overwrite to replace it")
+    from cmdeploy.errors import InputError
+    from cmdeploy.writers.atomic import check_output_file
+
+    source, target = args.weights_only
+    try:
+        check_output_file(target, overwrite=args.overwrite, folder_may_be_missing=True)
+    except InputError as exc:  # exists without --overwrite, not a regular file, unwritable folder
+        ap.error(str(exc))
     try:
         out = save_weights_only(source, target)
     except (FileNotFoundError, ValueError) as exc:  # absent, or not a cmdeploy checkpoint

@@ -137,13 +137,9 @@ def _targets(checkpoint: Path | None, output: Path | None, fp16: bool, engine: P
 def _check_targets(paths: list[Path], overwrite: bool) -> None:
     """No folder or other non-regular file at any output, no existing one unless ``overwrite``,
     writable folders; stale temp files of killed runs removed."""
-    from cmdeploy.writers.atomic import OutputExistsError, check_output_file, existing_regular_file
+    from cmdeploy.writers.atomic import check_output_files
 
-    found = [t for t in paths if existing_regular_file(t)]
-    if found and not overwrite:
-        raise OutputExistsError(found)
-    for t in paths:
-        check_output_file(t, overwrite=True, what="output", folder_may_be_missing=True)
+    check_output_files(paths, overwrite=overwrite, folder_may_be_missing=True)
 
 
 def _export(*, checkpoint: Path | None, onnx_model: Path | None, output: Path | None, fused: bool,

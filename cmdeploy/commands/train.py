@@ -111,16 +111,14 @@ def _train(*, data: list[Path], guidance: str, config: str, epochs: int, batch_s
         fail(f"--recipe-checkpoint {recipe_checkpoint} needs --no-validation and an existing file")
     if no_validation and val_cases:
         fail("--no-validation and --val-cases exclude each other")
-    from cmdeploy.writers.atomic import OutputExistsError, check_output_file, existing_regular_file
+    from cmdeploy.writers.atomic import check_output_files
 
     if (out.exists() or out.is_symlink()) and not out.is_dir():
         fail(f"--out '{out}' exists and is not a folder")
-    targets = [out / "best.pt", out / "last.pt"]
-    found = [t for t in targets if existing_regular_file(t, "--out")]
-    if found and not overwrite and resume is None:
-        raise OutputExistsError(found)
-    for t in targets:
-        check_output_file(t, overwrite=True, what="--out", folder_may_be_missing=True)
+    check_output_files(  # --resume continues the run in --out
+        [out / "best.pt", out / "last.pt"], overwrite=overwrite or resume is not None, what="--out",
+        folder_may_be_missing=True,
+    )
     cfg = TrainConfig(
         data=[str(d) for d in data],
         augment=ROBUST_AUGMENT if clicks == "annotator" else AugmentConfig(),

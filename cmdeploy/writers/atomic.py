@@ -229,6 +229,20 @@ def check_output_file(
     return p
 
 
+def check_output_files(
+    paths: Iterable[str | Path], *, overwrite: bool, what: str = "output",
+    folder_may_be_missing: bool = False,
+) -> None:
+    """:func:`check_output_file` for several targets, naming every existing one at once in the
+    :class:`OutputExistsError` (unless ``overwrite``)."""
+    paths = [Path(p) for p in paths]
+    found = [p for p in paths if existing_regular_file(p, what)]
+    if found and not overwrite:
+        raise OutputExistsError(found)
+    for p in paths:
+        check_output_file(p, overwrite=True, what=what, folder_may_be_missing=folder_may_be_missing)
+
+
 def _fsync_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR)
