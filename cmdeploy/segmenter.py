@@ -19,6 +19,9 @@ Two model layouts are recognised from the model's inputs:
   shape, one model call per shape and chunk.
 
 The threshold (``probability > spec.threshold``) comes from the model's :class:`ModelSpec`.
+``tta="flip"`` averages each object's probabilities with those of its left-right mirror image (the
+crop and its guidance mirrored about the crop's centre column for plain models, the slice and points
+mirrored for fused ones): twice the model time, off by default (measured in docs/model-card.md).
 The three stages (:meth:`Segmenter.prepare`, :meth:`Segmenter.infer`,
 :meth:`Segmenter.slice_probabilities`) are public so that :mod:`cmdeploy.pipeline` can overlap
 preprocessing with inference.
@@ -53,6 +56,8 @@ OVERLAP_DEFAULT = True
 SPINNING_DEFAULT = False
 # how far (pixels) a point may lie outside the pixel-centre grid [0, W-1] x [0, H-1]
 POINT_MARGIN = 0.5
+# test-time augmentation: none, or the mean with the left-right mirror image
+TTA_MODES = ("none", "flip")
 
 
 def check_slice(slice_hu: Any, *, name: str = "slice") -> np.ndarray:
@@ -118,6 +123,14 @@ def check_points(points: Any, shape: tuple[int, int], *, name: str = "points") -
     return pts.astype(np.float32)
 
 
+def mirror_points(points: np.ndarray, width: int) -> np.ndarray:
+    """(N, 4, 2) extreme points of the left-right mirror image of slices ``width`` px wide:
+    ``x -> width - 1 - x``, and the left and right points swap places."""
+    out = np.asarray(points, np.float32)[:, [1, 0, 2, 3]].copy()
+    out[:, :, 0] = np.float32(width - 1) - out[:, :, 0]
+    return out
+
+
 @dataclass
 class PreparedBatch:
     """Model-ready inputs of N objects (from :meth:`Segmenter.prepare`).
@@ -149,6 +162,7 @@ class Segmenter:
         model_path: the model file.
         fused: True when the model does its own preprocessing (inputs ``slices``, ``points``).
         batch_size: most objects per model call.
+        tta: ``"none"`` or ``"flip"`` (mean of the object's and its mirror image's probabilities).
         overlap: :meth:`predict_batch` prepares batch k+1 in a worker thread while the model runs
             batch k (when there is more than one batch); see ``docs/results.md`` for the measured
             effect on a 2-core machine.
@@ -157,10 +171,20 @@ class Segmenter:
     overlap: bool = OVERLAP_DEFAULT
 
     def __init__(
-        self, runner: Runner, spec: ModelSpec, *, model_path: Path, backend: str, batch_size: int = 16
+        self,
+        runner: Runner,
+        spec: ModelSpec,
+        *,
+        model_path: Path,
+        backend: str,
+        batch_size: int = 16,
+        tta: str = "none",
     ) -> None:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if tta not in TTA_MODES:
+            raise InputError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+        self.tta = tta
         self._runner = runner
         self.spec = spec
         self.model_path = Path(model_path)
@@ -205,6 +229,7 @@ class Segmenter:
         batch_size: int = 16,
         device: str = "cpu",
         spinning: bool | None = SPINNING_DEFAULT,
+        tta: str = "none",
     ) -> Segmenter:
         """Load a model and its :class:`ModelSpec`.
 
@@ -219,6 +244,8 @@ class Segmenter:
                 on). Off by default: on 2 cores the spinning workers took the core the overlapped
                 preparation needs, and slowed the model itself when other jobs ran
                 (``benchmarks/bench_prepare.py``, ``docs/results.md``).
+            tta: ``"none"`` or ``"flip"``: also segment the left-right mirror image and average the
+                probabilities (twice the model time).
 
         Raises :class:`ModelError` when the model cannot be loaded or carries no cmdeploy spec.
         """
@@ -229,6 +256,8 @@ class Segmenter:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if device not in ("cpu", "cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if tta not in TTA_MODES:
+            raise InputError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         if path is None:
             from cmdeploy.models import default_model_path
 
@@ -257,7 +286,7 @@ class Segmenter:
                 spec = ModelSpec.from_metadata(runner.metadata)
             except (ValueError, TypeError) as exc:
                 raise ModelError(f"{path.name}: cannot read its model spec: {exc}") from exc
-        return cls(runner, spec, model_path=path, backend=backend, batch_size=batch_size)
+        return cls(runner, spec, model_path=path, backend=backend, batch_size=batch_size, tta=tta)
 
     @cached_property
     def model_sha256(self) -> str:
@@ -289,7 +318,7 @@ class Segmenter:
         return (
             f"Segmenter({self.model_path.name!r}, backend={self.backend!r}, {kind}, "
             f"input_size={self.spec.input_size}, guidance={self.spec.guidance!r}, "
-            f"batch_size={self.batch_size})"
+            f"batch_size={self.batch_size}" + (f", tta={self.tta!r})" if self.tta != "none" else ")")
         )
 
     # ------------------------------------------------------------------------------ stages
@@ -343,13 +372,18 @@ class Segmenter:
         assert x is not None
         n = len(x)
         s = self.spec.input_size
+        if self.tta == "flip":  # the mirror of a crop is the crop of the mirror, about column (S-1)/2
+            x = np.concatenate([x, x[..., ::-1]])
         logits = np.asarray(self._run({self._input: x}))
-        if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape[2:] != (s, s) or len(logits) != n:
+        if logits.ndim != 4 or logits.shape[1] != 1 or logits.shape[2:] != (s, s) or len(logits) != len(x):
             raise ModelError(
                 f"{self.model_path.name}: output {self._output!r} has shape {logits.shape}, "
                 f"expected (N, 1, {s}, {s})"
             )
-        return sigmoid(logits[:, 0])
+        probs = sigmoid(logits[:, 0])
+        if self.tta == "flip":
+            probs = (probs[:n] + probs[n:, :, ::-1]) * np.float32(0.5)
+        return probs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The model's output for any number of items, ``batch_size`` (within its range) per call."""
@@ -362,12 +396,20 @@ class Segmenter:
             groups.setdefault(shape, []).append(i)
         for shape, idx in groups.items():
             slices = np.stack([batch.slices[i] for i in idx]).astype(np.float32, copy=False)
-            probs = np.asarray(self._run({"slices": slices, "points": batch.points[idx]}), np.float32)
-            if probs.shape[1:] != shape:
+            points = batch.points[idx]
+            if self.tta == "flip":
+                slices, points = np.concatenate([slices, slices[:, :, ::-1]]), np.concatenate(
+                    [points, mirror_points(points, shape[1])]
+                )
+            probs = np.asarray(self._run({"slices": slices, "points": points}), np.float32)
+            if probs.shape != (len(slices), *shape):
                 raise ModelError(
                     f"{self.model_path.name}: output {self._output!r} has shape {probs.shape}, "
                     f"expected (B, {shape[0]}, {shape[1]})"
                 )
+            if self.tta == "flip":
+                k = len(idx)
+                probs = (probs[:k] + probs[k:, :, ::-1]) * np.float32(0.5)
             for j, i in enumerate(idx):
                 result[i] = probs[j]
         return result  # type: ignore[return-value]

@@ -350,3 +350,54 @@ def test_engine_batch_profile_is_respected(identity_model_path: Path) -> None:
     for a, b in zip(got, ref.predict_batch(img, pts, return_probabilities=True), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert len(seg.predict_batch(img, pts[:1])) == 1 and runner.calls[-1] == 2
+
+
+def _mirror(img: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from cmdeploy.segmenter import mirror_points
+
+    return np.ascontiguousarray(img[:, ::-1]), mirror_points(pts[None], img.shape[1])[0]
+
+
+def test_mirror_points_keeps_the_point_order() -> None:
+    from cmdeploy.guidance import validate_points
+
+    img, m = _mirror(_slice((96, 128)), PTS)
+    np.testing.assert_array_equal(m[0], [127 - 88, 50])  # the right point becomes the left one
+    np.testing.assert_array_equal(m[:, 1], PTS[[1, 0, 2, 3], 1])
+    validate_points(m)
+    np.testing.assert_array_equal(_mirror(img, m)[1], PTS)
+
+
+def test_flip_tta_is_the_mean_with_the_mirror_image(plain_model_path: Path) -> None:
+    """tta="flip" = the mean of an object's probabilities and the mirrored probabilities of its
+    mirror image (the definition benchmarks/tune_inference.py measured), hence mirror-equivariant."""
+    img = _slice((96, 128), 7)
+    plain = Segmenter.load(plain_model_path, threads=1)
+    tta = Segmenter.load(plain_model_path, threads=1, batch_size=3, tta="flip")
+    assert tta.tta == "flip" and "tta='flip'" in repr(tta)
+    m_img, m_pts = _mirror(img, PTS)
+    p = plain.predict(img, PTS, return_probabilities=True)
+    p_m = plain.predict(m_img, m_pts, return_probabilities=True)[:, ::-1]
+    assert np.abs(p - p_m).max() > 1e-2  # a random model is not symmetric: the mean matters
+    got = tta.predict(img, PTS, return_probabilities=True)
+    np.testing.assert_allclose(got, (p + p_m) / 2, atol=1e-4)
+    np.testing.assert_allclose(tta.predict(m_img, m_pts, return_probabilities=True)[:, ::-1], got, atol=1e-4)
+    # masks and batches go through the same path (4 objects, batches of 3, doubled inside)
+    masks = tta.predict_batch([img] * 4, [PTS] * 4)
+    for m in masks:
+        np.testing.assert_array_equal(m, tta.predict(img, PTS))
+
+
+def test_flip_tta_on_a_fused_model(fused_model_path: Path) -> None:
+    img = _slice((96, 128), 8)
+    seg = Segmenter.load(fused_model_path, tta="flip")
+    got = seg.predict(img, PTS, return_probabilities=True)
+    # the fake fused model returns sigmoid(slice - left_x); its mirror image's left point is the
+    # mirror of the right one
+    want = (sigmoid(img - PTS[0, 0]) + sigmoid(img - (127 - PTS[1, 0]))) / 2
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_unknown_tta_is_refused(plain_model_path: Path) -> None:
+    with pytest.raises(InputError, match="tta"):
+        Segmenter.load(plain_model_path, tta="rotate")
