@@ -5,7 +5,8 @@ export parity checks, INT8 calibration and the runtime:
 
 1. crop + zoom the slice with :func:`cmdeploy.geometry.crop_transform` (bilinear, ``spec.pad_hu``
    outside the slice),
-2. window to ``spec.window`` HU, scale to [0, 1], then ``(v - norm_mean) / norm_std``,
+2. window to ``spec.window`` HU (and each of ``spec.extra_windows``, one image channel each), scale
+   to [0, 1], then ``(v - norm_mean) / norm_std``,
 3. guidance channel(s) computed *in crop coordinates* from the transformed points,
 4. stack as ``(C, S, S)`` float32 in the order of ``spec.channels``.
 
@@ -23,12 +24,18 @@ from cmdeploy.guidance import confidence_map, gaussian_heatmap, validate_points
 from cmdeploy.spec import ModelSpec
 
 
-def window_normalize(hu: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None = None) -> np.ndarray:
-    """Window HU values to ``spec.window``, scale to [0, 1] and normalise; float32.
+def window_normalize(
+    hu: np.ndarray,
+    spec: ModelSpec,
+    *,
+    window: tuple[float, float] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Window HU values to ``window`` (default ``spec.window``), scale to [0, 1], normalise; float32.
 
     ``out`` (float32, ``hu``'s shape; may be ``hu`` itself) receives the result when given.
     """
-    lo, hi = spec.window
+    lo, hi = spec.window if window is None else window
     v = np.clip(np.asarray(hu, dtype=np.float32), lo, hi, out=out)
     v -= np.float32(lo)
     v /= np.float32(hi - lo)
@@ -37,18 +44,32 @@ def window_normalize(hu: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None 
     return v
 
 
+def image_channels(crop_hu: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Image channels (K, S, S) float32 of an (S, S) HU crop, one per window of ``spec.windows``.
+
+    ``out`` (e.g. ``x[i, :K]`` of a network input) receives them when given; ``crop_hu`` may be
+    ``out[0]`` itself (the extra windows are computed before channel 0 is overwritten).
+    """
+    k = spec.num_image_channels
+    if out is None:
+        out = np.empty((k,) + np.shape(crop_hu), dtype=np.float32)
+    for j in range(k - 1, -1, -1):  # channel 0 last: crop_hu may be out[0]
+        window_normalize(crop_hu, spec, window=spec.windows[j], out=out[j])
+    return out
+
+
 def guidance_channels(
     points_crop: np.ndarray, spec: ModelSpec, *, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Guidance channel(s) for (N, 4, 2) crop-space points: (N, G, S, S) float32.
 
-    ``out`` (e.g. ``x[:, 1:]`` of a network input) receives the maps when given.
+    ``out`` (e.g. ``x[:, K:]`` of a network input, K image channels) receives the maps when given.
     """
     s = spec.input_size
     n = len(points_crop)
     if out is None:
-        out = np.empty((n, spec.num_channels - 1, s, s), dtype=np.float32)
-    for j, name in enumerate(spec.channels[1:]):
+        out = np.empty((n, len(spec.guidance_channels), s, s), dtype=np.float32)
+    for j, name in enumerate(spec.guidance_channels):
         if name == "cm":
             confidence_map(
                 points_crop, (s, s), variant=spec.cm_variant, **spec.cm_params, out=out[:, j]
@@ -64,7 +85,7 @@ def _prepare(
     slices_hu: Sequence[np.ndarray], points: np.ndarray, spec: ModelSpec, target_size: float
 ) -> tuple[np.ndarray, list[CropTransform]]:
     """Network inputs of validated (N, 4, 2) float64 points, written in place channel by channel."""
-    s = spec.input_size
+    s, k = spec.input_size, spec.num_image_channels
     n = len(points)
     out = np.empty((n, spec.num_channels, s, s), dtype=np.float32)
     if n == 0:
@@ -74,10 +95,10 @@ def _prepare(
         arr = np.asarray(img)
         if arr.ndim != 2:
             raise ValueError(f"slice must be 2-D (H, W) HU, got shape {arr.shape}")
-        window_normalize(crop_image(arr, t, fill=spec.pad_hu, out=out[i, 0]), spec, out=out[i, 0])
+        image_channels(crop_image(arr, t, fill=spec.pad_hu, out=out[i, 0]), spec, out=out[i, :k])
     mats = np.stack([t.matrix for t in transforms])
     points_crop = points @ np.swapaxes(mats[:, :, :2], 1, 2) + mats[:, None, :, 2]  # = to_crop
-    guidance_channels(points_crop, spec, out=out[:, 1:])
+    guidance_channels(points_crop, spec, out=out[:, k:])
     return out, transforms
 
 

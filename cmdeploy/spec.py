@@ -5,8 +5,8 @@ in an ONNX file's ``metadata_props`` (flat string key/values, see :meth:`ModelSp
 and in an engine's JSON sidecar. Train, export, calibration and runtime all read the same fields,
 so preprocessing cannot drift apart between them.
 
-Units: ``window`` in Hounsfield units; ``input_size`` and all target sizes and ``ep_sigma`` in crop
-pixels; ``threshold`` is a probability.
+Units: ``window`` and ``extra_windows`` in Hounsfield units; ``input_size``, all target sizes and
+``ep_sigma`` in crop pixels; ``threshold`` is a probability.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class ModelSpec:
         cm_params: extra keyword arguments of that variant (e.g. ``{"tau": 7.0}``).
         ep_sigma: standard deviation of the extreme-point Gaussians, crop pixels.
         window: (low, high) HU window; the image channel is ``clip(hu, low, high)``.
-        norm_mean, norm_std: the windowed image is scaled to [0, 1], then ``(v - mean) / std``.
+        extra_windows: further (low, high) HU windows, one more image channel each (``image2``,
+            ``image3``, ...) after ``image``; empty = the paper's single window.
+        norm_mean, norm_std: each windowed image is scaled to [0, 1], then ``(v - mean) / std``.
         target_size: inference zoom target ``b_m``: the longer side of the points' bounding box is
             zoomed to this many crop pixels.
         train_target_range: range of ``b_m`` drawn uniformly during training.
@@ -53,6 +55,7 @@ class ModelSpec:
     cm_params: dict[str, float] = field(default_factory=dict)
     ep_sigma: float = 5.0
     window: tuple[float, float] = (-200.0, 250.0)
+    extra_windows: tuple[tuple[float, float], ...] = ()
     norm_mean: float = 0.5
     norm_std: float = 0.5
     target_size: float = 187.5
@@ -69,6 +72,11 @@ class ModelSpec:
         lo, hi = self.window
         if not hi > lo:
             raise ValueError(f"window must be (low, high) with high > low, got {self.window}")
+        extra = tuple((float(a), float(b)) for a, b in self.extra_windows)
+        for a, b in extra:
+            if not b > a:
+                raise ValueError(f"extra window must be (low, high) with high > low, got {(a, b)}")
+        object.__setattr__(self, "extra_windows", extra)
         if self.norm_std <= 0:
             raise ValueError(f"norm_std must be > 0, got {self.norm_std}")
         if self.postprocess not in POSTPROCESS_MODES:
@@ -99,9 +107,24 @@ class ModelSpec:
         return cls(**defaults)
 
     @property
+    def windows(self) -> tuple[tuple[float, float], ...]:
+        """HU windows of the image channels, in channel order: ``window`` then ``extra_windows``."""
+        return (self.window,) + self.extra_windows
+
+    @property
+    def num_image_channels(self) -> int:
+        return len(self.windows)
+
+    @property
     def channels(self) -> tuple[str, ...]:
-        """Input channel names, in order: ``image`` then the guidance channel(s)."""
-        return ("image",) + tuple(self.guidance.split("+"))
+        """Input channel names, in order: ``image`` (``image2``, ...), then the guidance channel(s)."""
+        images = ("image",) + tuple(f"image{k}" for k in range(2, self.num_image_channels + 1))
+        return images + tuple(self.guidance.split("+"))
+
+    @property
+    def guidance_channels(self) -> tuple[str, ...]:
+        """Names of the guidance channels, in input order (after the image channels)."""
+        return self.channels[self.num_image_channels:]
 
     @property
     def num_channels(self) -> int:
@@ -110,6 +133,10 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["window"] = list(self.window)
+        if self.extra_windows:  # absent for the paper's single window: older readers keep working
+            d["extra_windows"] = [list(w) for w in self.extra_windows]
+        else:
+            del d["extra_windows"]
         d["train_target_range"] = list(self.train_target_range)
         return d
 
@@ -123,6 +150,8 @@ class ModelSpec:
         for key in ("window", "train_target_range"):
             if key in kw:
                 kw[key] = tuple(kw[key])
+        if "extra_windows" in kw:
+            kw["extra_windows"] = tuple(tuple(w) for w in kw["extra_windows"])
         return cls(**kw)
 
     def to_metadata(self) -> dict[str, str]:

@@ -274,10 +274,10 @@ def gaussian_heatmap_t(points: torch.Tensor, size: int, sigma: float) -> torch.T
 
 
 def guidance_t(points_crop: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-    """Guidance channel(s) float32 (B, G, S, S) in the order of ``spec.channels[1:]``."""
+    """Guidance channel(s) float32 (B, G, S, S) in the order of ``spec.guidance_channels``."""
     s = spec.input_size
     maps = []
-    for name in spec.channels[1:]:
+    for name in spec.guidance_channels:
         if name == "cm":
             maps.append(confidence_map_t(points_crop, s, variant=spec.cm_variant, **spec.cm_params))
         else:
@@ -329,12 +329,13 @@ class FusedSegmenter(nn.Module):
         ys = rz * u + (-(rz * offset[:, 1, None]))
         crop_hu = _sample_grid_t(slices, xs, ys, spec.pad_hu)
 
-        lo, hi = spec.window
-        image = (torch.clamp(crop_hu, lo, hi) - lo) / (hi - lo)
-        image = (image - spec.norm_mean) / spec.norm_std
+        images = []
+        for lo, hi in spec.windows:
+            image = (torch.clamp(crop_hu, lo, hi) - lo) / (hi - lo)
+            images.append((image - spec.norm_mean) / spec.norm_std)
 
         points_crop = pts * zoom[:, None, None] + offset[:, None, :]
-        net_in = torch.cat([image[:, None], guidance_t(points_crop, spec)], dim=1)
+        net_in = torch.cat([torch.stack(images, dim=1), guidance_t(points_crop, spec)], dim=1)
         crop_probs = torch.sigmoid(self.network(net_in))  # (B, 1, S, S)
 
         # paste back: crop coordinates of the slice's columns and rows, through the forward matrix,

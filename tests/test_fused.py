@@ -208,6 +208,18 @@ def test_cm_plus_ep_graph_channels_match_numpy(tmp_path: Path) -> None:
     np.testing.assert_allclose(net_in[:, 0], x[:, 0], atol=1e-3)  # windowed image
 
 
+def test_extra_window_channels_match_numpy(tmp_path: Path) -> None:
+    spec = ModelSpec.for_input_size(32, guidance="ep", extra_windows=((-1000.0, 0.0), (150.0, 1500.0)))
+    path = export_fused_graph(StandIn(4).eval(), spec, tmp_path / "mw.onnx", debug=True)
+    cases = ct_small_cases()[:4]
+    x, _ = prepare_batch([c.slice_hu for c in cases], [c.points for c in cases], spec)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"slices": np.stack([c.slice_hu for c in cases]), "points": np.stack([c.points for c in cases])}
+    _, net_in, _ = sess.run(None, feeds)
+    assert net_in.shape == x.shape == (4, 4, 32, 32)
+    np.testing.assert_allclose(net_in, x, atol=1e-3)  # three windows, then ep
+
+
 # ------------------------------------------------------------------------ exported checkpoint
 def _tiny_checkpoint(path: Path) -> Checkpoint:
     """Random ResNet-18 (width 8, 64 px), classifier calibrated to ~50 % foreground on CT_small."""

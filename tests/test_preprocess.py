@@ -57,6 +57,21 @@ def test_prepare_one_channels(guidance, channels):
     np.testing.assert_array_equal(guidance_channels(crop_pts[None], spec)[0], x[1:])
 
 
+def test_extra_windows_are_image_channels_of_the_same_crop():
+    spec = ModelSpec.for_input_size(SIZE, guidance="ep", extra_windows=((-1000.0, 0.0), (150.0, 1500.0)))
+    img = _slice()
+    x, t = prepare_one(img, DISK_POINTS, spec)
+    assert x.shape == (4, SIZE, SIZE)
+    crop = crop_image(img, t, fill=spec.pad_hu)
+    for j, window in enumerate(spec.windows):
+        np.testing.assert_array_equal(x[j], window_normalize(crop, spec, window=window))
+    np.testing.assert_array_equal(x[0], window_normalize(crop, spec))  # channel 0 = spec.window
+    np.testing.assert_array_equal(x[3], gaussian_heatmap(t.to_crop(DISK_POINTS), (SIZE, SIZE), spec.ep_sigma))
+    assert len({x[j].tobytes() for j in range(3)}) == 3  # three different views of one crop
+    xb, _ = prepare_batch([img, img], [DISK_POINTS, DISK_POINTS], spec)
+    np.testing.assert_array_equal(xb[1], x)
+
+
 def test_prepare_one_puts_the_object_in_the_crop_centre_at_target_size():
     spec = ModelSpec.for_input_size(SIZE, guidance="cm")  # target 375/512 * 64 = 46.875 px
     x, t = prepare_one(_slice(), DISK_POINTS, spec)

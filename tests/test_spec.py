@@ -14,6 +14,7 @@ SPECS = [
     ModelSpec.for_input_size(128, guidance="cm+ep", threshold=0.4, pad_hu=-1000.0),
     ModelSpec(input_size=64, guidance="ep", ep_sigma=2.5, target_size=40.0, window=(-100, 300)),
     ModelSpec(cm_variant="authors", cm_params={"tau": 7.0}, norm_mean=0.1, norm_std=0.3),
+    ModelSpec(guidance="ep", extra_windows=((-1000, 0), (150.5, 1500))),
 ]
 
 
@@ -47,6 +48,19 @@ def test_metadata_round_trip_through_onnx_metadata_props():
     helper.set_model_props(model, spec.to_metadata())
     loaded = onnx.load_from_string(model.SerializeToString())
     assert ModelSpec.from_metadata({p.key: p.value for p in loaded.metadata_props}) == spec
+
+
+def test_extra_windows_add_image_channels_before_guidance():
+    spec = ModelSpec(guidance="cm+ep", extra_windows=[(-1000, 0), [150, 1500]])
+    assert spec.extra_windows == ((-1000.0, 0.0), (150.0, 1500.0))  # normalised to float tuples
+    assert spec.windows == ((-200.0, 250.0), (-1000.0, 0.0), (150.0, 1500.0))
+    assert spec.channels == ("image", "image2", "image3", "cm", "ep")
+    assert spec.num_image_channels == 3 and spec.guidance_channels == ("cm", "ep")
+    # the paper's single window keeps the metadata older readers know (no extra_windows key)
+    assert "extra_windows" not in ModelSpec().to_dict()
+    assert ModelSpec.from_dict(ModelSpec().to_dict()).extra_windows == ()
+    with pytest.raises(ValueError, match="extra window"):
+        ModelSpec(extra_windows=((100, 100),))
 
 
 def test_channels_and_paper_scaling():

@@ -194,6 +194,15 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "zz" in res.output
     res = runner.invoke(app, [*base, "--guidance", "xx"])
     assert res.exit_code == 2
+    for bad in ("-1000", "0:-10", "a:b", "-1000:0,"):
+        res = runner.invoke(app, [*base, f"--extra-windows={bad}", "--out", str(tmp_path / "w")])
+        assert res.exit_code == 2 and "--extra-windows" in res.output, (bad, res.output)
+    assert not (tmp_path / "w").exists()
+    res = runner.invoke(app, [*base, "--val-cases", "c2", "--guidance", "ep", "--extra-windows=-1000:0",
+                              "--epochs", "1", "--out", str(tmp_path / "w")])
+    assert res.exit_code == 0, res.output
+    mw = Checkpoint.load(tmp_path / "w" / "best.pt")
+    assert mw.spec.extra_windows == ((-1000.0, 0.0),) and mw.model_config.in_channels == 3
     out = str(tmp_path / "o")
     res = runner.invoke(app, [*base, "--val-cases", "c2", "--guidance", "cm+ep", "--out", out])
     assert res.exit_code == 0, res.output
@@ -217,6 +226,10 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
                               "--out", str(tmp_path / "ft")])
     assert res.exit_code == 0, res.output
     assert Checkpoint.load(tmp_path / "ft" / "best.pt").spec.channels == ("image", "cm", "ep")
+    res = runner.invoke(app, ["train", "--data", cfg.data, "--init", out + "/best.pt",
+                              "--extra-windows=-1000:0", "--no-progress", "--val-cases", "c2",
+                              "--out", str(tmp_path / "ft2")])
+    assert res.exit_code == 2 and "extra windows" in res.output
 
 
 @pytest.mark.slow

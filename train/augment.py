@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from cmdeploy.annotator import ClickModel, simulate_clicks
 from cmdeploy.geometry import compose_affine, crop_transform, sample_bilinear, warp_affine
-from cmdeploy.preprocess import guidance_channels, window_normalize
+from cmdeploy.preprocess import guidance_channels, image_channels
 from cmdeploy.spec import ModelSpec
 
 
@@ -180,11 +180,12 @@ def augment_hu(
     return out.astype(np.float32, copy=False)
 
 
-def image_channel(
+def augmented_image_channels(
     crop_hu: np.ndarray, spec: ModelSpec, cfg: AugmentConfig, rng: np.random.Generator | None
 ) -> np.ndarray:
-    """Windowed, normalised (S, S) image channel, with an occasional gamma when ``rng`` is given."""
-    img = window_normalize(crop_hu, spec)
+    """Windowed, normalised (K, S, S) image channels (one per ``spec.windows``), with an occasional
+    gamma (the same for every window) when ``rng`` is given."""
+    img = image_channels(crop_hu, spec)
     if rng is not None and rng.random() < cfg.gamma_p:
         g = float(np.exp(rng.uniform(-cfg.gamma_log_range, cfg.gamma_log_range)))
         v = np.clip(img * np.float32(spec.norm_std) + np.float32(spec.norm_mean), 0.0, 1.0)
@@ -248,11 +249,11 @@ def training_sample(
 
     spacing_mm = None if spacing_xy is None else float(np.mean(spacing_xy))
     crop_hu = augment_hu(crop_hu, zoom, cfg, rng, spacing_mm)
-    image = image_channel(crop_hu, spec, cfg, rng)
+    image = augmented_image_channels(crop_hu, spec, cfg, rng)
     pts_crop = crop_t.to_crop(pts)
     guide = guidance_channels(pts_crop[None], spec)[0]
     return {
-        "input": np.concatenate([image[None], guide], axis=0),
+        "input": np.concatenate([image, guide], axis=0),
         "mask": mask[None].astype(np.float32),
         "points": pts_crop.astype(np.float32),
         "matrix": total,

@@ -65,6 +65,8 @@ class TrainConfig:
     data: str | list[str]
     out_dir: str = "runs/train"
     guidance: str | None = "cm"  # None: the --init checkpoint's (else "cm")
+    # further HU windows as image channels (ModelSpec.extra_windows); None: the checkpoint's (else none)
+    extra_windows: tuple[tuple[float, float], ...] | None = None
     config: str = "compact"
     base_width: int | None = None
     input_size: int | None = None
@@ -386,7 +388,13 @@ def _model_spec(
                 f"the --init checkpoint has guidance {init.spec.guidance!r}, this run asks for "
                 f"{cfg.guidance!r}: drop --guidance or pass --guidance {init.spec.guidance}"
             )
-        return replace(cfg, guidance=init.spec.guidance), init.model_config, init.spec
+        if cfg.extra_windows not in (None, init.spec.extra_windows):
+            raise InputError(
+                f"the --init checkpoint has extra windows {list(init.spec.extra_windows)}, this run "
+                f"asks for {list(cfg.extra_windows)}: drop --extra-windows"
+            )
+        cfg = replace(cfg, guidance=init.spec.guidance, extra_windows=init.spec.extra_windows)
+        return cfg, init.model_config, init.spec
     if cfg.guidance is None:
         cfg = replace(cfg, guidance="cm")
     if resume is not None:
@@ -396,12 +404,15 @@ def _model_spec(
             train_cases=tuple(info.get("split", {}).get("train", cfg.train_cases)),
             val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
             guidance=resume.spec.guidance,
+            extra_windows=resume.spec.extra_windows,
             freeze_backbone=bool((info.get("init") or {}).get("freeze_backbone", False)),
         )
         return cfg, resume.model_config, resume.spec
     overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
     probe = make_config(cfg.config, 1, **overrides)
-    spec = ModelSpec.for_input_size(probe.input_size, guidance=cfg.guidance)
+    spec = ModelSpec.for_input_size(
+        probe.input_size, guidance=cfg.guidance, extra_windows=tuple(cfg.extra_windows or ())
+    )
     return cfg, make_config(cfg.config, spec.num_channels, **overrides), spec
 
 

@@ -22,6 +22,12 @@ def train(
         None, "--guidance",
         help="Guidance channel(s): cm, ep or cm+ep [default: cm, or the --init checkpoint's].",
     ),
+    extra_windows: str = typer.Option(
+        None, "--extra-windows",
+        help="More HU windows as image channels after the paper's [-200, 250], as LOW:HIGH pairs "
+        "separated by commas (e.g. --extra-windows=-1000:0,150:1500) [default: none, or the "
+        "--init checkpoint's].",
+    ),
     config: str = typer.Option("compact", "--config", help="Model config: compact or paper."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Number of epochs."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size per process."),
@@ -74,7 +80,23 @@ def train(
         _train(**{k: v for k, v in locals().items() if k not in ("error_console", "guarded")})
 
 
-def _train(*, data: list[Path], guidance: str, config: str, epochs: int, batch_size: int, lr: float,
+def parse_windows(value: str) -> tuple[tuple[float, float], ...]:
+    """``"LOW:HIGH,LOW:HIGH"`` (HU) -> ((low, high), ...); ValueError naming the bad pair."""
+    windows = []
+    for part in value.split(","):
+        lo_hi = part.strip().split(":")
+        try:
+            lo, hi = (float(v) for v in lo_hi)
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not LOW:HIGH in HU") from None
+        if not hi > lo:
+            raise ValueError(f"{part.strip()!r}: HIGH must be greater than LOW")
+        windows.append((lo, hi))
+    return tuple(windows)
+
+
+def _train(*, data: list[Path], guidance: str, extra_windows: str | None, config: str, epochs: int,
+           batch_size: int, lr: float,
            seed: int, out: Path, train_cases: str | None, val_cases: str | None,
            samples_per_epoch: int | None, val_samples: int | None, resume: Path | None,
            init: Path | None, freeze_backbone: bool, base_width: int | None, input_size: int | None,
@@ -95,6 +117,12 @@ def _train(*, data: list[Path], guidance: str, config: str, epochs: int, batch_s
         fail(f"--clicks must be 'annotator' or 'exact', got {clicks!r}")
     if guidance is not None and guidance not in GUIDANCE_MODES:
         fail(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    windows = None
+    if extra_windows is not None:
+        try:
+            windows = parse_windows(extra_windows)
+        except ValueError as exc:
+            fail(f"--extra-windows: {exc}")
     if config not in NAMED_CONFIGS:
         fail(f"--config must be one of {', '.join(sorted(NAMED_CONFIGS))}, got {config!r}")
     if resume is not None and not resume.is_file():
@@ -124,6 +152,7 @@ def _train(*, data: list[Path], guidance: str, config: str, epochs: int, batch_s
         augment=ROBUST_AUGMENT if clicks == "annotator" else AugmentConfig(),
         out_dir=str(out),
         guidance=guidance,
+        extra_windows=windows,
         config=config,
         base_width=base_width,
         input_size=input_size,
