@@ -7,7 +7,7 @@ EXTRAS ?= train,export,calibrate,dicom,nifti,eval,pacs,serve,triton,dev
 DATA   ?= ../shared/data/ct-organs
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo serve test lint bench model robust table1 study clean
+.PHONY: install demo serve test lint bench model robust table1 windows study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,21 @@ table1: $(STAMP)
 	  $(BIN)/cmdeploy evaluate -m $(MODELS)/cmdeploy-default.onnx -m runs/table1_cm/model.onnx \
 	    -m runs/table1_ep/model.onnx -m runs/table1_cm+ep/model.onnx --data $(TUMOURS) \
 	    --cases sts_003,sts_008,sts_013,sts_018,sts_023 --clicks $$c --output runs/table1_tumours_$$c \
+	    --overwrite || exit 1; \
+	done
+
+## windows: issue 12's image-channel question: the shipped recipe (EP, table1 split) with a lung and a
+## bone window as two more image channels next to the paper's soft-tissue one (about 30 min here),
+## evaluated on the held-out patients like table1's EP column (measured, not shipped: model card).
+windows: $(STAMP)
+	$(BIN)/cmdeploy train $(TABLE1) --guidance ep --extra-windows=-1000:0,150:1500 --out runs/table1_ep_windows
+	$(BIN)/cmdeploy export --checkpoint runs/table1_ep_windows/last.pt --overwrite \
+		--output runs/table1_ep_windows/model.onnx
+	for c in exact annotator; do \
+	  $(BIN)/cmdeploy evaluate -m runs/table1_ep_windows/model.onnx --data $(DATA) --cases thorax_1p5mm \
+	    --clicks $$c --output runs/windows_thorax_$$c --overwrite && \
+	  $(BIN)/cmdeploy evaluate -m runs/table1_ep_windows/model.onnx --data $(TUMOURS) \
+	    --cases sts_003,sts_008,sts_013,sts_018,sts_023 --clicks $$c --output runs/windows_tumours_$$c \
 	    --overwrite || exit 1; \
 	done
 
