@@ -14,7 +14,8 @@ runtime's PNG convention). Grey value ``v`` in 0..255 is mapped back to
 ``HU = lo + v * (hi - lo) / 255`` with the model's own CT window ``(lo, hi)`` (-200..250 HU for
 the default model, a soft-tissue window). A frame exported with that window gives the model
 the same input it sees from DICOM, up to 8-bit quantisation; a frame exported with another window
-(lung, bone) gives it a wrong picture. Use DICOM (``cmdeploy serve --data``) whenever you can.
+(lung, bone) gives it a wrong picture, and a model with ``extra_windows`` sees nothing outside
+``(lo, hi)`` in them. Use DICOM (``cmdeploy serve --data``) whenever you can.
 """
 
 from __future__ import annotations
