@@ -199,10 +199,15 @@ def test_cli_train_and_bad_inputs(tmp_path: Path) -> None:
         assert res.exit_code == 2 and "--extra-windows" in res.output, (bad, res.output)
     assert not (tmp_path / "w").exists()
     res = runner.invoke(app, [*base, "--val-cases", "c2", "--guidance", "ep", "--extra-windows=-1000:0",
-                              "--epochs", "1", "--out", str(tmp_path / "w")])
+                              "--ep-sigma", "3.5", "--epochs", "1", "--out", str(tmp_path / "w")])
     assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--ep-sigma", "8"])
+    assert res.exit_code == 2 and "--guidance ep" in res.output
+    res = runner.invoke(app, [*base, "--guidance", "ep", "--ep-sigma", "0"])
+    assert res.exit_code == 2
     mw = Checkpoint.load(tmp_path / "w" / "best.pt")
     assert mw.spec.extra_windows == ((-1000.0, 0.0),) and mw.model_config.in_channels == 3
+    assert mw.spec.ep_sigma == 3.5
     out = str(tmp_path / "o")
     res = runner.invoke(app, [*base, "--val-cases", "c2", "--guidance", "cm+ep", "--out", out])
     assert res.exit_code == 0, res.output

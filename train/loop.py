@@ -67,6 +67,7 @@ class TrainConfig:
     guidance: str | None = "cm"  # None: the --init checkpoint's (else "cm")
     # further HU windows as image channels (ModelSpec.extra_windows); None: the checkpoint's (else none)
     extra_windows: tuple[tuple[float, float], ...] | None = None
+    ep_sigma: float | None = None  # extreme-point Gaussians' sigma, crop px; None: the paper's, scaled
     config: str = "compact"
     base_width: int | None = None
     input_size: int | None = None
@@ -393,7 +394,13 @@ def _model_spec(
                 f"the --init checkpoint has extra windows {list(init.spec.extra_windows)}, this run "
                 f"asks for {list(cfg.extra_windows)}: drop --extra-windows"
             )
-        cfg = replace(cfg, guidance=init.spec.guidance, extra_windows=init.spec.extra_windows)
+        if cfg.ep_sigma not in (None, init.spec.ep_sigma):
+            raise InputError(
+                f"the --init checkpoint has ep_sigma {init.spec.ep_sigma}, this run asks for "
+                f"{cfg.ep_sigma}: drop --ep-sigma"
+            )
+        cfg = replace(cfg, guidance=init.spec.guidance, extra_windows=init.spec.extra_windows,
+                      ep_sigma=init.spec.ep_sigma)
         return cfg, init.model_config, init.spec
     if cfg.guidance is None:
         cfg = replace(cfg, guidance="cm")
@@ -405,13 +412,15 @@ def _model_spec(
             val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
             guidance=resume.spec.guidance,
             extra_windows=resume.spec.extra_windows,
+            ep_sigma=resume.spec.ep_sigma,
             freeze_backbone=bool((info.get("init") or {}).get("freeze_backbone", False)),
         )
         return cfg, resume.model_config, resume.spec
     overrides = {k: v for k, v in (("base_width", cfg.base_width), ("input_size", cfg.input_size)) if v}
     probe = make_config(cfg.config, 1, **overrides)
+    sigma = {"ep_sigma": cfg.ep_sigma} if cfg.ep_sigma else {}
     spec = ModelSpec.for_input_size(
-        probe.input_size, guidance=cfg.guidance, extra_windows=tuple(cfg.extra_windows or ())
+        probe.input_size, guidance=cfg.guidance, extra_windows=tuple(cfg.extra_windows or ()), **sigma
     )
     return cfg, make_config(cfg.config, spec.num_channels, **overrides), spec
 

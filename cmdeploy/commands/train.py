@@ -28,6 +28,11 @@ def train(
         "separated by commas (e.g. --extra-windows=-1000:0,150:1500) [default: none, or the "
         "--init checkpoint's].",
     ),
+    ep_sigma: float = typer.Option(
+        None, "--ep-sigma",
+        help="Standard deviation of the extreme-point Gaussians, crop pixels [default: the paper's 10 "
+        "px of 512, scaled to the input size].",
+    ),
     config: str = typer.Option("compact", "--config", help="Model config: compact or paper."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Number of epochs."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Batch size per process."),
@@ -95,7 +100,8 @@ def parse_windows(value: str) -> tuple[tuple[float, float], ...]:
     return tuple(windows)
 
 
-def _train(*, data: list[Path], guidance: str, extra_windows: str | None, config: str, epochs: int,
+def _train(*, data: list[Path], guidance: str, extra_windows: str | None, ep_sigma: float | None,
+           config: str, epochs: int,
            batch_size: int, lr: float,
            seed: int, out: Path, train_cases: str | None, val_cases: str | None,
            samples_per_epoch: int | None, val_samples: int | None, resume: Path | None,
@@ -117,6 +123,10 @@ def _train(*, data: list[Path], guidance: str, extra_windows: str | None, config
         fail(f"--clicks must be 'annotator' or 'exact', got {clicks!r}")
     if guidance is not None and guidance not in GUIDANCE_MODES:
         fail(f"--guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    if ep_sigma is not None and not ep_sigma > 0:
+        fail(f"--ep-sigma must be > 0 crop pixels, got {ep_sigma}")
+    if ep_sigma is not None and (guidance or "cm") == "cm" and init is None:
+        fail("--ep-sigma needs extreme-point Gaussians: pass --guidance ep or cm+ep")
     windows = None
     if extra_windows is not None:
         try:
@@ -153,6 +163,7 @@ def _train(*, data: list[Path], guidance: str, extra_windows: str | None, config
         out_dir=str(out),
         guidance=guidance,
         extra_windows=windows,
+        ep_sigma=ep_sigma,
         config=config,
         base_width=base_width,
         input_size=input_size,
