@@ -195,29 +195,25 @@ def test_fused_module_matches_numpy_path_with_stand_in() -> None:
         assert np.all(got[i][~regions[i]] == 0.0)
 
 
-def test_cm_plus_ep_graph_channels_match_numpy(tmp_path: Path) -> None:
-    spec = ModelSpec.for_input_size(32, guidance="cm+ep")
-    path = export_fused_graph(StandIn(3).eval(), spec, tmp_path / "cmep.onnx", debug=True)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ModelSpec.for_input_size(32, guidance="cm+ep"),
+        ModelSpec.for_input_size(32, guidance="ep", extra_windows=((-1000.0, 0.0), (150.0, 1500.0))),
+    ],
+    ids=["cm+ep", "three-windows+ep"],
+)
+def test_graph_input_channels_match_numpy(spec: ModelSpec, tmp_path: Path) -> None:
+    path = export_fused_graph(StandIn(spec.num_channels).eval(), spec, tmp_path / "g.onnx", debug=True)
     cases = ct_small_cases()[:4]
     x, _ = prepare_batch([c.slice_hu for c in cases], [c.points for c in cases], spec)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"slices": np.stack([c.slice_hu for c in cases]), "points": np.stack([c.points for c in cases])}
     _, net_in, _ = sess.run(None, feeds)
-    assert net_in.shape == x.shape == (4, 3, 32, 32)
-    np.testing.assert_allclose(net_in[:, 1:], x[:, 1:], atol=1e-4)  # cm, ep
-    np.testing.assert_allclose(net_in[:, 0], x[:, 0], atol=1e-3)  # windowed image
-
-
-def test_extra_window_channels_match_numpy(tmp_path: Path) -> None:
-    spec = ModelSpec.for_input_size(32, guidance="ep", extra_windows=((-1000.0, 0.0), (150.0, 1500.0)))
-    path = export_fused_graph(StandIn(4).eval(), spec, tmp_path / "mw.onnx", debug=True)
-    cases = ct_small_cases()[:4]
-    x, _ = prepare_batch([c.slice_hu for c in cases], [c.points for c in cases], spec)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"slices": np.stack([c.slice_hu for c in cases]), "points": np.stack([c.points for c in cases])}
-    _, net_in, _ = sess.run(None, feeds)
-    assert net_in.shape == x.shape == (4, 4, 32, 32)
-    np.testing.assert_allclose(net_in, x, atol=1e-3)  # three windows, then ep
+    k = spec.num_image_channels
+    assert net_in.shape == x.shape == (4, spec.num_channels, 32, 32)
+    np.testing.assert_allclose(net_in[:, k:], x[:, k:], atol=1e-4)  # guidance
+    np.testing.assert_allclose(net_in[:, :k], x[:, :k], atol=1e-3)  # windowed image(s)
 
 
 # ------------------------------------------------------------------------ exported checkpoint
