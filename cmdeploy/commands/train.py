@@ -101,9 +101,8 @@ def parse_windows(value: str) -> tuple[tuple[float, float], ...]:
 
 
 def _train(*, data: list[Path], guidance: str, extra_windows: str | None, ep_sigma: float | None,
-           config: str, epochs: int,
-           batch_size: int, lr: float,
-           seed: int, out: Path, train_cases: str | None, val_cases: str | None,
+           config: str, epochs: int, batch_size: int, lr: float, seed: int, out: Path,
+           train_cases: str | None, val_cases: str | None,
            samples_per_epoch: int | None, val_samples: int | None, resume: Path | None,
            init: Path | None, freeze_backbone: bool, base_width: int | None, input_size: int | None,
            threads: int | None, workers: int, device: str, val_every: int, no_validation: bool,
