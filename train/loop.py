@@ -378,29 +378,34 @@ def _load_checkpoint(path: str | None, option: str) -> Checkpoint | None:
         raise InputError(f"{option}: {exc}") from exc
 
 
+# TrainConfig fields that define the model's spec: (name in messages, train option)
+SPEC_OPTIONS = {
+    "guidance": ("guidance", "--guidance"),
+    "extra_windows": ("extra windows", "--extra-windows"),
+    "ep_sigma": ("ep_sigma", "--ep-sigma"),
+}
+
+
+def _spec_options(spec: ModelSpec) -> dict[str, Any]:
+    """A checkpoint's values of the :data:`SPEC_OPTIONS` fields (what --init and --resume keep)."""
+    return {name: getattr(spec, name) for name in SPEC_OPTIONS}
+
+
 def _model_spec(
     cfg: TrainConfig, resume: Checkpoint | None, init: Checkpoint | None = None
 ) -> tuple[TrainConfig, Any, ModelSpec]:
     """(cfg, model config, spec): a resumed run keeps its checkpoint's architecture, split and
     frozen backbone; a fine-tuned run (``init``) keeps its checkpoint's architecture and spec."""
     if init is not None:
-        if cfg.guidance not in (None, init.spec.guidance):
-            raise InputError(
-                f"the --init checkpoint has guidance {init.spec.guidance!r}, this run asks for "
-                f"{cfg.guidance!r}: drop --guidance or pass --guidance {init.spec.guidance}"
-            )
-        if cfg.extra_windows not in (None, init.spec.extra_windows):
-            raise InputError(
-                f"the --init checkpoint has extra windows {list(init.spec.extra_windows)}, this run "
-                f"asks for {list(cfg.extra_windows)}: drop --extra-windows"
-            )
-        if cfg.ep_sigma not in (None, init.spec.ep_sigma):
-            raise InputError(
-                f"the --init checkpoint has ep_sigma {init.spec.ep_sigma}, this run asks for "
-                f"{cfg.ep_sigma}: drop --ep-sigma"
-            )
-        cfg = replace(cfg, guidance=init.spec.guidance, extra_windows=init.spec.extra_windows,
-                      ep_sigma=init.spec.ep_sigma)
+        kept = _spec_options(init.spec)
+        for name, (label, option) in SPEC_OPTIONS.items():
+            asked = getattr(cfg, name)
+            if asked not in (None, kept[name]):
+                raise InputError(
+                    f"the --init checkpoint has {label} {kept[name]!r}, this run asks for {asked!r}: "
+                    f"drop {option} or pass the checkpoint's value"
+                )
+        cfg = replace(cfg, **kept)
         return cfg, init.model_config, init.spec
     if cfg.guidance is None:
         cfg = replace(cfg, guidance="cm")
@@ -410,9 +415,7 @@ def _model_spec(
             cfg,
             train_cases=tuple(info.get("split", {}).get("train", cfg.train_cases)),
             val_cases=tuple(info.get("split", {}).get("val", cfg.val_cases)),
-            guidance=resume.spec.guidance,
-            extra_windows=resume.spec.extra_windows,
-            ep_sigma=resume.spec.ep_sigma,
+            **_spec_options(resume.spec),
             freeze_backbone=bool((info.get("init") or {}).get("freeze_backbone", False)),
         )
         return cfg, resume.model_config, resume.spec
