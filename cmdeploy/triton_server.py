@@ -20,7 +20,9 @@ JSON), the model file's name and SHA-256 are published as model-config parameter
 PyTriton starts ``tritonserver`` (bundled in the wheel) as a child process whose Python backend stub
 must load the same libpython as this interpreter: :func:`stub_library_env` puts this Python's
 ``LIBDIR`` first on ``LD_LIBRARY_PATH`` (a pyenv Python otherwise dies in the stub with
-``'_thread.RLock' object has no attribute '_recursion_count'``).
+``'_thread.RLock' object has no attribute '_recursion_count'``). With several instances, PyTriton
+0.7's stubs fetch their configuration from a handshake socket that can refuse them while the server
+starts under CPU load; such a start is stopped and tried again (:func:`handshake_race`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cmdeploy.segmenter import Segmenter
 MODEL_NAME = "cmdeploy"
 OUTPUTS = ("probabilities", "masks")
 SLICE_DTYPES = {"float32": np.float32, "int16": np.int16}
+START_ATTEMPTS = 3  # server starts tried when PyTriton's instance handshake races (handshake_race)
 PARAM_SPEC = "cmdeploy.spec"  # = cmdeploy.spec.METADATA_KEY, the key export/triton.py writes too
 PARAM_MODEL_FILE = "cmdeploy.model_file"
 PARAM_MODEL_SHA256 = "cmdeploy.model_sha256"
@@ -217,9 +220,7 @@ def serve(
         exit_timeout_secs=5,
         log_verbose=config.log_verbose,
     )
-    triton = Triton(config=triton_config)
-    workspace = str(triton._workspace.path)  # noqa: SLF001 - PyTriton 0.7: its tritonserver copy lives here
-    try:
+    def bind(triton: Any) -> None:
         triton.bind(
             model_name=config.model_name,
             infer_func=[InferFunction(s) for s in segmenters],
@@ -249,24 +250,73 @@ def serve(
                 PARAM_MODEL_SHA256: first.model_sha256,
             },
         )
-        host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-        urls = {
-            "http": f"http://{host}:{config.http_port}",
-            "grpc": f"grpc://{host}:{config.grpc_port}",
-            "metrics": f"http://{host}:{config.metrics_port}/metrics",
-            "ready": f"http://{host}:{config.http_port}/v2/models/{config.model_name}/ready",
-        }
-        triton.run()
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    urls = {
+        "http": f"http://{host}:{config.http_port}",
+        "grpc": f"grpc://{host}:{config.grpc_port}",
+        "metrics": f"http://{host}:{config.metrics_port}/metrics",
+        "ready": f"http://{host}:{config.http_port}/v2/models/{config.model_name}/ready",
+    }
+    triton = None
+    try:
+        triton = _start_triton(lambda: Triton(config=triton_config), bind, log)
         if on_ready is not None:
             on_ready(urls)
         triton.serve(monitoring_period_s=1.0)
     except KeyboardInterrupt:
         stop_requested.set()
     finally:
-        triton.stop()
+        if triton is not None:
+            triton.stop()
     if not stop_requested.is_set():
-        _kill_leftover_stubs(workspace)
+        _kill_leftover_stubs(_workspace(triton))
         raise ModelError("the Triton server stopped without being asked to (see its log above)")
+
+
+def _workspace(triton: Any) -> str:
+    """The PyTriton workspace folder, where its tritonserver copy and stub binary live."""
+    return str(triton._workspace.path)  # noqa: SLF001 - PyTriton 0.7
+
+
+def handshake_race(exc: BaseException) -> bool:
+    """True when a model instance's Python stub could not fetch its configuration from PyTriton's
+    handshake socket while the server started: the first instance creates the socket file before it
+    listens, and under CPU load a second instance connects in between (refused) or gives up waiting
+    for the file (PyTriton 0.7 waits 1 s). The start can simply be tried again."""
+    text = str(exc)
+    return "get_config_from_handshake_server" in text and (
+        "Connection refused" in text or "ConnectionRefusedError" in text
+        or "waiting for config file" in text
+    )
+
+
+def _start_triton(
+    make: Callable[[], Any], bind: Callable[[Any], None], log: Callable[[str], None],
+    attempts: int = START_ATTEMPTS,
+) -> Any:
+    """A bound, running PyTriton server: ``make()``, ``bind(triton)``, ``triton.run()``; a start that
+    fails on :func:`handshake_race` is stopped (stubs included) and tried again, up to ``attempts``
+    times in all; any other failure is raised after the server is stopped."""
+    for attempt in range(1, attempts + 1):
+        triton = make()
+        try:
+            bind(triton)
+            triton.run()
+            return triton
+        except BaseException as exc:
+            workspace = _workspace(triton)
+            triton.stop()
+            _kill_leftover_stubs(workspace)
+            if attempt < attempts and isinstance(exc, Exception) and handshake_race(exc):
+                log(
+                    f"Triton start {attempt}/{attempts}: a model instance could not reach PyTriton's "
+                    "handshake socket while the server started (a start-up race under CPU load); "
+                    "starting again"
+                )
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 def _kill_leftover_stubs(workspace: str) -> None:
