@@ -220,6 +220,7 @@ def serve(
         exit_timeout_secs=5,
         log_verbose=config.log_verbose,
     )
+
     def bind(triton: Any) -> None:
         triton.bind(
             model_name=config.model_name,
